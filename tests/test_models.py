@@ -1,0 +1,227 @@
+"""Model family: parameter counts and names, shapes, dtypes, dropout, errors."""
+
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models, summary
+from vit_jax.variants import VARIANTS
+
+# The reference's counts with a 1000-class head at 224px.
+REFERENCE_COUNTS = {
+    "testing": 21_390,
+    "ViT-Ti_16": 5_717_416,
+    "ViT-S_16": 22_050_664,
+    "ViT-B_16": 86_567_656,
+    "ViT-B_32": 88_224_232,
+    "ViT-L_16": 304_326_632,
+    "ViT-H_14": 632_045_800,
+    "R50+ViT-B_16": 98_659_112,
+}
+
+
+@pytest.mark.parametrize("name,expected", sorted(REFERENCE_COUNTS.items()))
+def test_parameter_counts_match_reference(name, expected):
+    assert models.count_params(models.get_model(name, num_classes=1000)) == expected
+
+
+def test_every_variant_builds_at_224():
+    for name in VARIANTS:
+        assert models.count_params(models.get_model(name, num_classes=10)) > 0, name
+
+
+def test_block_names_and_shapes_are_the_published_layout():
+    params = models.param_shapes(models.get_model("ViT-B_16", num_classes=1000))
+    block = jax.tree.map(lambda x: x.shape, params["Transformer"]["encoderblock_0"])
+    assert block == {
+        "LayerNorm_0": {"scale": (768,), "bias": (768,)},
+        "MultiHeadDotProductAttention_1": {
+            "query": {"kernel": (768, 12, 64), "bias": (12, 64)},
+            "key": {"kernel": (768, 12, 64), "bias": (12, 64)},
+            "value": {"kernel": (768, 12, 64), "bias": (12, 64)},
+            "out": {"kernel": (12, 64, 768), "bias": (768,)},
+        },
+        "LayerNorm_2": {"scale": (768,), "bias": (768,)},
+        "MlpBlock_3": {
+            "Dense_0": {"kernel": (768, 3072), "bias": (3072,)},
+            "Dense_1": {"kernel": (3072, 768), "bias": (768,)},
+        },
+    }
+    assert set(params) == {"embedding", "cls", "Transformer", "head"}
+    assert params["embedding"]["kernel"].shape == (16, 16, 3, 768)
+    assert params["cls"].shape == (1, 1, 768)
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 197, 768)
+    assert set(params["Transformer"]) == {
+        "posembed_input",
+        "encoder_norm",
+        *(f"encoderblock_{i}" for i in range(12)),
+    }
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_hybrid_stem_names_are_the_published_layout():
+    params = models.param_shapes(models.get_model("R50+ViT-B_16", num_classes=1000))
+    shapes = jax.tree.map(lambda x: x.shape, params)
+    assert shapes["conv_root"] == {"kernel": (7, 7, 3, 64)}
+    assert shapes["gn_root"] == {"scale": (64,), "bias": (64,)}
+    assert sorted(k for k in shapes if k.startswith("block")) == ["block1", "block2", "block3"]
+    assert len(shapes["block3"]) == 9
+    assert shapes["block1"]["unit1"]["conv_proj"] == {"kernel": (1, 1, 64, 256)}
+    assert shapes["block3"]["unit1"]["conv2"] == {"kernel": (3, 3, 256, 256)}
+    assert shapes["embedding"]["kernel"] == (1, 1, 1024, 768)
+    assert shapes["Transformer"]["posembed_input"]["pos_embedding"] == (1, 197, 768)
+
+
+def _init(model, shape=(2, 32, 32, 3), seed=0):
+    images = jax.random.uniform(jax.random.key(seed), shape, minval=-1, maxval=1)
+    params = model.init(jax.random.key(1), images, train=False)["params"]
+    # The head is zero-initialised; randomise it so outputs carry information.
+    if "head" in params:
+        params["head"]["kernel"] = jax.random.normal(
+            jax.random.key(2), params["head"]["kernel"].shape
+        )
+    return images, params
+
+
+@pytest.mark.parametrize(
+    "classifier,expected",
+    [("token", (2, 7)), ("gap", (2, 7)), ("unpooled", (2, 4, 7)), ("token_unpooled", (2, 5, 7))],
+)
+def test_output_shape_per_classifier(classifier, expected):
+    model = models.get_model("testing", num_classes=7, classifier=classifier)
+    images, params = _init(model)
+    out = model.apply({"params": params}, images)
+    assert out.shape == expected and out.dtype == jnp.float32
+    assert ("cls" in params) == (classifier in ("token", "token_unpooled"))
+
+
+def test_testing_unpooled_variant_and_no_head():
+    model = models.get_model("testing-unpooled", num_classes=None)
+    images, params = _init(model)
+    assert "head" not in params
+    assert model.apply({"params": params}, images).shape == (2, 5, 10)
+
+
+def test_representation_size_adds_tanh_pre_logits():
+    model = models.get_model("testing", num_classes=3, representation_size=6)
+    images, params = _init(model)
+    assert params["pre_logits"]["kernel"].shape == (10, 6)
+    features = models.get_model("testing", num_classes=None, representation_size=6).apply(
+        {"params": {k: v for k, v in params.items() if k != "head"}}, images
+    )
+    assert features.shape == (2, 6) and np.all(np.abs(features) <= 1.0)
+
+
+def test_non_square_images():
+    model = models.get_model("testing", num_classes=4)
+    images, params = _init(model, shape=(1, 32, 48, 3))
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 2 * 3, 10)
+    assert model.apply({"params": params}, images).shape == (1, 4)
+    assert model.grid_size((32, 48)) == (2, 3)
+
+
+def test_hybrid_forward_stem_only():
+    model = models.get_model("R+ViT-Ti_16", num_classes=5, num_layers=1)
+    assert model.stride == (32, 32)
+    images, params = _init(model, shape=(1, 64, 96, 3))
+    assert params["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 1 + 2 * 3, 192)
+    out = model.apply({"params": params}, images)
+    assert out.shape == (1, 5) and np.all(np.isfinite(out))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    f32 = models.get_model("testing", num_classes=5, num_layers=2, hidden_size=32, mlp_dim=64)
+    images, params = _init(f32)
+    bf16 = f32.clone(dtype=jnp.bfloat16)
+    assert jax.tree.map(lambda x: x.dtype, bf16.init(jax.random.key(1), images)["params"]) == (
+        jax.tree.map(lambda x: x.dtype, params)
+    )
+    ref = f32.apply({"params": params}, images)
+    out = bf16.apply({"params": params}, images)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=0.05 * float(np.abs(ref).max()))
+    assert not np.array_equal(out, ref)  # it really computed in bfloat16
+
+
+def test_dropout_only_when_training():
+    model = models.get_model("testing", num_classes=5)  # dropout_rate=0.1
+    images, params = _init(model)
+    eval1 = model.apply({"params": params}, images, train=False)
+    eval2 = model.apply({"params": params}, images, train=False)
+    np.testing.assert_array_equal(eval1, eval2)
+    train1 = model.apply(
+        {"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)}
+    )
+    train2 = model.apply(
+        {"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)}
+    )
+    assert not np.allclose(train1, eval1) and not np.allclose(train1, train2)
+    no_dropout = model.clone(dropout_rate=0.0)
+    np.testing.assert_allclose(
+        no_dropout.apply({"params": params}, images, train=True), eval1, rtol=1e-6, atol=1e-6
+    )
+
+
+def test_fused_and_explicit_attention_agree_and_weights_are_sown():
+    model = models.get_model("testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=4)
+    images, params = _init(model)
+    fused = model.apply({"params": params}, images)
+    explicit, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    np.testing.assert_allclose(explicit, fused, rtol=1e-5, atol=1e-5)
+    weights = state["intermediates"]["Transformer"]["encoderblock_1"][
+        "MultiHeadDotProductAttention_1"
+    ]["attention_weights"][0]
+    assert weights.shape == (2, 4, 5, 5)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_remat_changes_nothing():
+    model = models.get_model("testing", num_classes=5, num_layers=2, dropout_rate=0.0)
+    images, params = _init(model)
+    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, images, train=True) ** 2)
+    g1 = jax.grad(loss(model))(params)
+    g2 = jax.grad(loss(model.clone(remat=True)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: models.get_model("testing", classifier="cls"), "unknown classifier='cls'"),
+        (lambda: models.get_model("testing", num_heads=3), "hidden_size=10 is not divisible by"),
+        (lambda: models.get_model("ViT-Q_16"), "unknown model 'ViT-Q_16'; known models: testing"),
+        (lambda: models.get_model("testing", heads=2), "unknown model option(s) ['heads']"),
+    ],
+)
+def test_bad_configuration_errors(build, message):
+    with pytest.raises(ValueError) as e:
+        build()
+    assert message in str(e.value)
+
+
+def test_image_not_divisible_by_patch_size():
+    model = models.get_model("testing", num_classes=2)
+    with pytest.raises(
+        ValueError, match="image size 30x32 is not divisible by the patch size 16x16"
+    ):
+        model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)))
+
+
+def test_summary_table():
+    text = summary.summary(models.get_model("ViT-B_16", num_classes=1000), 224)
+    assert "total                            86,567,656" in text
+    gflops = float(text.rsplit(":", 1)[1])
+    # 2 * 17.56 GMACs of matmuls, plus softmax/LayerNorm/GELU element-wise work.
+    assert 35.0 < gflops < 36.0
+    lines = text.splitlines()
+    assert lines[3].startswith("embedding") and lines[-4].startswith("head")
+
+
+def test_importing_the_package_does_not_import_tensorflow():
+    code = "import sys, vit_jax, vit_jax.models; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

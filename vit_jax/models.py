@@ -1,0 +1,321 @@
+"""The Vision Transformer (Dosovitskiy et al., 2021) and its hybrid (ResNet stem) variants.
+
+Every submodule is named explicitly so that the parameter tree is the key layout of the published
+`ViT-*.npz` checkpoints, e.g. `Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel`
+of shape (hidden, heads, hidden // heads). A published file maps onto `init` params with no renaming.
+
+Images go in as NHWC floats in [-1, 1]; any H, W divisible by the (effective) patch size work.
+Computation runs in `dtype`; parameters, LayerNorm statistics and logits stay float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import resnet
+from vit_jax.variants import VARIANTS
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+
+
+class AddPositionEmbs(nn.Module):
+    """Adds a learnt position embedding `pos_embedding` of shape (1, L, D) to (N, L, D) inputs."""
+
+    posemb_init: Initializer = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pe = self.param("pos_embedding", self.posemb_init, (1, *x.shape[1:]), jnp.float32)
+        return x + pe.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout: (N, L, D) -> (N, L, out_dim or D)."""
+
+    mlp_dim: int
+    out_dim: int | None = None
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        y = dense(self.mlp_dim, name="Dense_0")(x)
+        y = nn.gelu(y)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = dense(self.out_dim or x.shape[-1], name="Dense_1")(y)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+    """Self-attention with the parameter layout of `flax.linen.MultiHeadDotProductAttention`.
+
+    (N, L, D) -> (N, L, D). `query`/`key`/`value` kernels are (D, heads, D // heads), `out` is
+    (heads, D // heads, D). The fused `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) is
+    used unless attention dropout is active or the caller asks for the attention weights by making the
+    `intermediates` collection mutable; then the weights (N, heads, L, L) are sown as
+    `intermediates/.../attention_weights`.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        features = x.shape[-1]
+        if features % self.num_heads:
+            raise ValueError(
+                f"hidden size {features} is not divisible by num_heads={self.num_heads}"
+            )
+        head_dim = features // self.num_heads
+        proj = functools.partial(
+            nn.DenseGeneral,
+            features=(self.num_heads, head_dim),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+        )
+        q = proj(name="query")(x)
+        k = proj(name="key")(x)
+        v = proj(name="value")(x)
+
+        use_dropout = not deterministic and self.dropout_rate > 0.0
+        if use_dropout or self.is_mutable_collection("intermediates"):
+            logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / np.sqrt(head_dim).astype(q.dtype)
+            weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+            self.sow("intermediates", "attention_weights", weights)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not use_dropout)
+            y = jnp.einsum("...hqk,...khd->...qhd", weights.astype(v.dtype), v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v)
+
+        return nn.DenseGeneral(
+            features,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="out",
+        )(y)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). (N, L, D) -> (N, L, D)."""
+
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+        x = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(inputs)
+        x = MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dropout_rate=self.attention_dropout_rate,
+            dtype=self.dtype,
+            name="MultiHeadDotProductAttention_1",
+        )(x, deterministic=deterministic)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = x + inputs
+        y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
+        y = MlpBlock(
+            mlp_dim=self.mlp_dim,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype,
+            name="MlpBlock_3",
+        )(y, deterministic=deterministic)
+        return x + y
+
+
+class Encoder(nn.Module):
+    """Position embedding + `num_layers` blocks + final LayerNorm. (N, L, D) -> (N, L, D) float32.
+
+    `remat=True` recomputes each block's activations in the backward pass (less memory, ~1/3 more
+    compute) without changing any number.
+    """
+
+    num_layers: int
+    mlp_dim: int
+    num_heads: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        # static_argnums counts `self`: argument 2 is `deterministic`.
+        block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if self.remat else Encoder1DBlock
+        for i in range(self.num_layers):
+            block = block_cls(
+                mlp_dim=self.mlp_dim,
+                num_heads=self.num_heads,
+                dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                dtype=self.dtype,
+                name=f"encoderblock_{i}",
+            )
+            x = block(x, not train)
+        return nn.LayerNorm(name="encoder_norm")(x.astype(jnp.float32))
+
+
+class VisionTransformer(nn.Module):
+    """ViT: (N, H, W, 3) images in [-1, 1] -> (N, num_classes) float32 logits.
+
+    With `classifier='unpooled'` or `'token_unpooled'` the output keeps the sequence axis:
+    (N, L, num_classes), L = number of patches (+1 for the class token). With `num_classes=None` the
+    head is left out and the (pre-)logits features are returned.
+
+    Attributes mirror the reference's model configs; see `vit_jax.variants.VARIANTS` for the
+    published sizes and `get_model` to build one by name.
+    """
+
+    num_classes: int | None
+    patch_size: tuple[int, int] = (16, 16)
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    classifier: str = "token"
+    representation_size: int | None = None
+    resnet_layers: Sequence[int] | None = None
+    resnet_width_factor: float = 1.0
+    head_bias_init: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.classifier not in CLASSIFIERS:
+            raise ValueError(
+                f"unknown classifier={self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        super().__post_init__()
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.classifier in ("token", "token_unpooled")
+
+    @property
+    def stride(self) -> tuple[int, int]:
+        """Pixels per patch along (H, W), the ResNet stem's downsampling included."""
+        s = 1 if self.resnet_layers is None else resnet.stem_stride(self.resnet_layers)
+        return (s * self.patch_size[0], s * self.patch_size[1])
+
+    def grid_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
+        """Patch grid (gh, gw) for an image size (an int means square); ValueError if not divisible."""
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        sh, sw = self.stride
+        if h % sh or w % sw:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the patch size {sh}x{sw}"
+                + ("" if self.resnet_layers is None else " (ResNet stem stride included)")
+                + f"; use a size that is, e.g. {max(sh, h // sh * sh)}x{max(sw, w // sw * sw)}"
+            )
+        return h // sh, w // sw
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+        if images.ndim != 4:
+            raise ValueError(f"expected NHWC images of rank 4, got shape {images.shape}")
+        self.grid_size(images.shape[1:3])
+        x = images.astype(self.dtype)
+        if self.resnet_layers is not None:
+            x = resnet.resnet_stem(x, self.resnet_layers, self.resnet_width_factor, self.dtype)
+
+        x = nn.Conv(
+            self.hidden_size,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="VALID",
+            dtype=self.dtype,
+            name="embedding",
+        )(x)
+        n, gh, gw, c = x.shape
+        x = x.reshape(n, gh * gw, c)
+        if self.has_class_token:
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, c), jnp.float32)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (n, 1, c)), x], axis=1)
+
+        x = Encoder(
+            num_layers=self.num_layers,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            attention_dropout_rate=self.attention_dropout_rate,
+            dtype=self.dtype,
+            remat=self.remat,
+            name="Transformer",
+        )(x, train=train)
+
+        if self.classifier == "token":
+            x = x[:, 0]
+        elif self.classifier == "gap":
+            x = jnp.mean(x, axis=1)
+
+        if self.representation_size is not None:
+            x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
+
+        if self.num_classes:
+            x = nn.Dense(
+                self.num_classes,
+                kernel_init=nn.initializers.zeros,
+                bias_init=nn.initializers.constant(self.head_bias_init),
+                name="head",
+            )(x)
+        return x
+
+
+def get_model(name: str, num_classes: int | None = 1000, **overrides: Any) -> VisionTransformer:
+    """Builds a published model size by name, e.g. `get_model('ViT-B_16', num_classes=10)`.
+
+    `overrides` replace any `VisionTransformer` attribute (`dtype=jnp.bfloat16`, `dropout_rate=0.1`,
+    `representation_size=768`, ...). Unknown names raise ValueError listing the known ones.
+    """
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(VARIANTS)}")
+    fields = VisionTransformer.__dataclass_fields__
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown model option(s) {unknown}; VisionTransformer takes {list(fields)}"
+        )
+    return VisionTransformer(num_classes=num_classes, **{**VARIANTS[name], **overrides})
+
+
+def param_shapes(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> Any:
+    """The parameter tree as `jax.ShapeDtypeStruct`s, computed without running the model."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros(images.shape, images.dtype), train=False)
+    )
+    return variables["params"]
+
+
+def count_params(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> int:
+    """Number of parameters at `image_size` (the position embedding grows with the image)."""
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(param_shapes(model, image_size)))
