@@ -16,6 +16,7 @@ _LAZY = {
     "count_params": "vit_jax.models",
     "VARIANTS": "vit_jax.variants",
     "summary": "vit_jax.summary",
+    "load_pretrained_model": "vit_jax.checkpoint",
 }
 
 __all__ = ["__version__", *_LAZY]
