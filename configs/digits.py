@@ -1,0 +1,34 @@
+r"""The offline demo: a small ViT trained from scratch on scikit-learn's embedded digits.
+
+python -m vit_jax.train --config configs/digits.py
+"""
+
+from vit_jax.train import preset
+
+
+def get_config(arg=None):
+    c = preset("digits", arg)
+    c.model = "testing"
+    c.model_overrides = dict(
+        patch_size=(2, 2),
+        hidden_size=96,
+        mlp_dim=192,
+        num_heads=4,
+        num_layers=4,
+        dropout_rate=0.0,
+        classifier="gap",
+    )
+    c.from_scratch = True
+    c.image_size = 8
+    c.crop_area = (0.6, 1.0)
+    c.random_flip = False
+    c.optimizer = "adamw"
+    c.base_lr = 1e-3
+    c.weight_decay = 0.05
+    c.momentum_dtype = "float32"
+    c.grad_norm_clip = 1.0
+    c.batch, c.batch_eval, c.accum_steps = 128, 360, 1
+    c.total_steps, c.warmup_steps = 1500, 100
+    c.log_every, c.eval_every, c.checkpoint_every = 100, 500, 1500
+    c.shuffle_buffer = 2000
+    return c

@@ -1,0 +1,288 @@
+"""Datasets -> batches of images in [-1, 1] and integer labels (tf.data).
+
+Three sources, chosen by the `dataset` string of the config:
+- any TFDS image-classification dataset by name (`cifar10`, `imagenet2012`, `oxford_iiit_pet`, ...);
+- an image folder `ROOT/{train,test}/<class>/<file>` (pass `ROOT` as the dataset);
+- `digits`: scikit-learn's embedded 8x8 handwritten digits (1797 images), so the job runs offline.
+
+Preprocessing follows the reference: train = random crop of 5-100 % of the area (aspect 3/4-4/3) ->
+resize -> random horizontal flip; eval = resize; pixels scaled to [-1, 1]; grayscale and RGBA become RGB.
+
+The training stream is a pure function of (seed, position): a seeded shuffle, then every example's
+augmentation drawn from stateless random ops keyed on (seed, example index). `train_batches(...,
+start_step=s)` therefore continues exactly where a run stopped at step s, and each process of a
+multi-host run reads its own shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+# (train split, test split) where the default "train"/"test" is not what the reference uses.
+TFDS_SPLITS = {
+    "cifar10": ("train[:98%]", "test"),
+    "cifar100": ("train[:98%]", "test"),
+    "imagenet2012": ("train[:99%]", "validation"),
+    "oxford_iiit_pet": ("train[:90%]", "test"),
+    "oxford_flowers102": ("train", "test"),
+}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message names the file or setting to fix."""
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+    """What the model and the evaluation need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    source: str  # 'tfds', 'folder' or 'digits'
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _tf():
+    import tensorflow as tf
+
+    if not getattr(_tf, "configured", False):
+        # tf.data only runs on the host: keep TensorFlow off the GPU that JAX uses.
+        tf.config.set_visible_devices([], "GPU")
+        _tf.configured = True
+    return tf
+
+
+def _splits(config: Any) -> tuple[str, str]:
+    default = TFDS_SPLITS.get(config.dataset, ("train", "test"))
+    return config.train_split or default[0], config.test_split or default[1]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool) -> tuple:
+    from PIL import Image, UnidentifiedImageError
+
+    files, labels, bad = [], [], []
+    for label, cls in enumerate(class_names):
+        directory = os.path.join(root, split, cls)
+        if not os.path.isdir(directory):
+            continue
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
+                continue
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                if not skip_bad:
+                    raise DataError(
+                        f"unreadable image {path} ({type(e).__name__}: {e}); remove or replace it, "
+                        "or pass --config.skip_bad_images=True to skip such files"
+                    ) from None
+                bad.append(path)
+                continue
+            files.append(path)
+            labels.append(label)
+    if not files:
+        raise DataError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {os.path.join(root, split)}"
+        )
+    return files, np.asarray(labels, np.int64), bad
+
+
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits: a fixed stratified 80/20 split; images uint8 (N, 8, 8, 1)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return (x_train, y_train) if split == "train" else (x_test, y_test)
+
+
+def get_info(config: Any) -> DatasetInfo:
+    """Number and names of classes, and where the data comes from."""
+    if config.dataset == "digits":
+        return DatasetInfo("digits", 10, [str(i) for i in range(10)], "digits")
+    if os.path.isdir(config.dataset):
+        root = config.dataset
+        train = os.path.join(root, "train")
+        if not os.path.isdir(train):
+            raise DataError(
+                f"image folder {root} has no train/ directory ({{train,test}}/<class>/<file>)"
+            )
+        classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+        if not classes:
+            raise DataError(f"{train} has no class sub-directories (train/<class>/<file>)")
+        return DatasetInfo(
+            os.path.basename(os.path.normpath(root)), len(classes), classes, "folder"
+        )
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(config.dataset, data_dir=config.tfds_data_dir or None)
+    except Exception as e:  # tfds raises its own DatasetNotFoundError, among others
+        raise DataError(
+            f"unknown dataset {config.dataset!r}: not a TFDS dataset name, an image folder with "
+            f"train/ and test/, or 'digits' ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    label = builder.info.features["label"]
+    names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
+    return DatasetInfo(config.dataset, label.num_classes, names, "tfds")
+
+
+def _raw_dataset(config: Any, info: DatasetInfo, split: str, train: bool):
+    """An unbatched tf.data.Dataset of {'image': encoded bytes or uint8 HWC, 'label': int64}."""
+    tf = _tf()
+    train_split, test_split = _splits(config)
+    if info.source == "digits":
+        images, labels = _digits_split("train" if train else "test")
+        return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}), False
+    if info.source == "folder":
+        files, labels, bad = _folder_files(
+            config.dataset, "train" if train else "test", info.class_names, config.skip_bad_images
+        )
+        info.details[f"{'train' if train else 'test'}_skipped"] = len(bad)
+        info.details[f"{'train' if train else 'test'}_examples"] = len(files)
+        ds = tf.data.Dataset.from_tensor_slices({"file": files, "label": labels})
+        return ds.map(lambda d: {"image": tf.io.read_file(d["file"]), "label": d["label"]}), True
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(config.dataset, data_dir=config.tfds_data_dir or None)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
+    )
+    ds = builder.as_dataset(
+        split=train_split if train else test_split,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        shuffle_files=False,
+        read_config=tfds.ReadConfig(shuffle_seed=config.seed),
+    )
+    return ds.map(lambda d: {"image": d["image"], "label": d["label"]}), True
+
+
+def _decode(image, encoded: bool):
+    tf = _tf()
+    if encoded:
+        image = tf.io.decode_image(image, channels=3, expand_animations=False)
+    elif image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 4:
+        image = image[..., :3]
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _normalize(image):
+    tf = _tf()
+    return tf.cast(image, tf.float32) / 127.5 - 1.0
+
+
+def preprocess_train(image, index, config: Any, encoded: bool):
+    """Random area crop -> resize -> random flip -> [-1, 1]; randomness keyed on (seed, index)."""
+    tf = _tf()
+    seed = tf.stack([tf.constant(config.seed, tf.int64), tf.cast(index, tf.int64)])
+    image = _decode(image, encoded)
+    lo, hi = config.crop_area
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.zeros([1, 0, 4]),
+        seed=seed,
+        area_range=(lo, hi),
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(image, _size(config), method="bilinear", antialias=True)
+    if config.random_flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
+    return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+
+
+def preprocess_eval(image, config: Any, encoded: bool):
+    tf = _tf()
+    image = _decode(image, encoded)
+    image = tf.image.resize(image, _size(config), method="bilinear", antialias=True)
+    return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _size(config: Any) -> tuple[int, int]:
+    s = config.image_size
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def train_batches(
+    config: Any,
+    info: DatasetInfo,
+    local_batch: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless training batches for this process: {'image': (B, H, W, 3) float32, 'label': (B,)}.
+
+    `start_step` skips the examples of the first `start_step` batches (without decoding them), so a
+    resumed run sees exactly the batches an uninterrupted one would.
+    """
+    tf = _tf()
+    ds, encoded = _raw_dataset(config, info, "train", train=True)
+    ds = ds.shard(process_count, process_index)
+    ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.enumerate().skip(start_step * local_batch)
+    ds = ds.map(
+        lambda i, d: {
+            "image": preprocess_train(d["image"], i, config, encoded),
+            "label": d["label"],
+        },
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.as_numpy_iterator()
+
+
+def eval_batches(
+    config: Any,
+    info: DatasetInfo,
+    local_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Every test example exactly once, in batches padded to `local_batch`.
+
+    Yields {'image', 'label', 'mask'}: `mask` is 1 for real examples and 0 for the padding of the last
+    batch, so metrics count each example once (the reference drops the last partial batch).
+    """
+    tf = _tf()
+    ds, encoded = _raw_dataset(config, info, "test", train=False)
+    ds = ds.shard(process_count, process_index)
+    ds = ds.map(
+        lambda d: {"image": preprocess_eval(d["image"], config, encoded), "label": d["label"]},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = ds.batch(local_batch, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.as_numpy_iterator():
+        n = len(batch["label"])
+        pad = local_batch - n
+        yield {
+            "image": np.pad(batch["image"], [(0, pad), (0, 0), (0, 0), (0, 0)]),
+            "label": np.pad(batch["label"], [(0, pad)]),
+            "mask": np.pad(np.ones(n, np.float32), [(0, pad)]),
+        }

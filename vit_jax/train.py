@@ -1,0 +1,769 @@
+r"""Fine-tune a ViT on an image-classification dataset, data-parallel over every device.
+
+    python -m vit_jax.train --model ViT-B_16 --dataset cifar10 --vit_pretrained_dir ~/vit_models
+    python -m vit_jax.train --config configs/cifar10.py:ViT-B_16 --config.total_steps=500
+    python -m vit_jax.train --config configs/digits.py          # offline demo, embedded dataset
+
+The run directory is {logdir}/{name}. Rerunning the same command resumes from its latest checkpoint
+(without --name, the newest unfinished {model}-{dataset}-* run is resumed) at the exact data position
+and random state. Importable: `train_and_evaluate(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from vit_jax import checkpoint, input_pipeline, models
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every setting `train_and_evaluate` reads, with the reference's fine-tuning defaults."""
+    c = ml_collections.ConfigDict()
+    c.model = "ViT-B_16"
+    c.model_overrides = ml_collections.ConfigDict()  # VisionTransformer attributes to replace
+    c.dataset = "cifar10"  # TFDS name, image folder ROOT/{train,test}/<class>/, or 'digits'
+    c.train_split = ""  # '' = the reference's split for the dataset (train[:98%] for CIFAR)
+    c.test_split = ""
+    c.tfds_data_dir = ""
+    c.tfds_manual_dir = ""
+    c.image_size = 384
+    c.crop_area = (0.05, 1.0)  # random crop, fraction of the image area
+    c.random_flip = True
+    c.shuffle_buffer = 50_000
+    c.skip_bad_images = False  # image folders: skip (and count) unreadable files instead of failing
+    c.pretrained = ""  # explicit .npz path / gs:// / https://
+    c.vit_pretrained_dir = "."  # where {model}.npz is looked for when `pretrained` is empty
+    c.from_scratch = False
+    c.total_steps = 10_000
+    c.warmup_steps = 500
+    c.batch = 512
+    c.batch_eval = 512
+    c.accum_steps = 8
+    c.base_lr = 0.03
+    c.decay_type = "cosine"  # or 'linear'
+    c.grad_norm_clip = 1.0
+    c.optimizer = "sgd"  # or 'adamw'
+    c.momentum = 0.9
+    c.momentum_dtype = "bfloat16"  # SGD momentum / AdamW first moment: 'bfloat16' or 'float32'
+    c.weight_decay = 0.0
+    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    c.seed = 0
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 2
+    c.export_npz = True  # write {workdir}/model.npz (published layout) at the end
+    c.progress = True
+    return c
+
+
+def preset(dataset: str, arg: str | None = None, **overrides: Any) -> ml_collections.ConfigDict:
+    """A config for `dataset`; `arg` is 'MODEL[,runlocal]' (runlocal: tiny model, few steps)."""
+    c = default_config()
+    c.dataset = dataset
+    parts = [p for p in (arg or "").split(",") if p]
+    for part in parts:
+        if part != "runlocal":
+            c.model = part
+    for key, value in overrides.items():
+        c[key] = value
+    if "runlocal" in parts:
+        c.model = "testing"
+        c.from_scratch = True
+        c.total_steps, c.warmup_steps, c.batch, c.batch_eval, c.accum_steps = 20, 2, 16, 16, 1
+        c.image_size, c.shuffle_buffer, c.log_every, c.eval_every = 32, 256, 5, 10
+        c.checkpoint_every = 10
+    return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises TrainingError naming the bad value."""
+    checks = [
+        (
+            config.decay_type in ("cosine", "linear"),
+            f"decay_type={config.decay_type!r}: use cosine or linear",
+        ),
+        (config.optimizer in ("sgd", "adamw"), f"optimizer={config.optimizer!r}: use sgd or adamw"),
+        (
+            config.dtype in ("float32", "bfloat16"),
+            f"dtype={config.dtype!r}: use float32 or bfloat16",
+        ),
+        (
+            config.momentum_dtype in ("float32", "bfloat16"),
+            f"momentum_dtype={config.momentum_dtype!r}",
+        ),
+        (config.accum_steps >= 1, f"accum_steps={config.accum_steps} must be >= 1"),
+        (
+            config.batch % config.accum_steps == 0,
+            f"batch {config.batch} is not divisible by accum_steps={config.accum_steps}",
+        ),
+        (
+            (config.batch // config.accum_steps) % num_devices == 0,
+            f"micro-batch {config.batch // config.accum_steps} (batch {config.batch} / accum_steps "
+            f"{config.accum_steps}) is not divisible by {num_devices} devices; choose a batch that is",
+        ),
+        (
+            config.batch_eval % num_devices == 0,
+            f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
+        ),
+        (config.total_steps > 0 and config.warmup_steps >= 0, "total_steps must be > 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup from 0 to base_lr, then cosine or linear decay to 0 at total_steps."""
+    decay_steps = max(config.total_steps - config.warmup_steps, 1)
+    if config.decay_type == "cosine":
+        decay = optax.cosine_decay_schedule(config.base_lr, decay_steps)
+    else:
+        decay = optax.linear_schedule(config.base_lr, 0.0, decay_steps)
+    if config.warmup_steps == 0:
+        return decay
+    warmup = optax.linear_schedule(0.0, config.base_lr, config.warmup_steps)
+    return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    schedule = make_schedule(config)
+    moment_dtype = jnp.dtype(config.momentum_dtype)
+    parts = [optax.clip_by_global_norm(config.grad_norm_clip)] if config.grad_norm_clip else []
+    if config.optimizer == "sgd":
+        if config.weight_decay:
+            parts.append(optax.add_decayed_weights(config.weight_decay))
+        parts.append(optax.sgd(schedule, momentum=config.momentum, accumulator_dtype=moment_dtype))
+    else:
+        parts.append(
+            optax.adamw(
+                schedule,
+                b1=config.momentum,
+                weight_decay=config.weight_decay,
+                mu_dtype=moment_dtype,
+            )
+        )
+    return optax.chain(*parts)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy of (B, C) logits against (B,) integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels
+    ).mean()
+
+
+def make_train_step(model, tx, config, mesh):
+    """The pure update `(state, batch) -> (state, metrics)`, jitted with the state donated.
+
+    With accum_steps=k the batch is split into k interleaved micro-batches (rows i, i+k, ...), so each
+    device's shard holds its part of every micro-batch; gradients are averaged over them. Dropout keys
+    are `fold_in(key(seed), step)` (and the micro-batch index): they do not depend on the device count.
+    """
+    accum = config.accum_steps
+    base_key = jax.random.key(config.seed)
+    micro_sharding = NamedSharding(mesh, P(None, "data"))
+
+    def loss_fn(params, images, labels, key):
+        logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
+        return cross_entropy(logits, labels)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def step_fn(state, batch):
+        params = state["params"]
+        key = jax.random.fold_in(base_key, state["step"])
+        if accum == 1:
+            loss, grads = grad_fn(params, batch["image"], batch["label"], key)
+        else:
+
+            def split(x):
+                x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, micro_sharding)
+
+            def body(carry, xs):
+                i, images, labels = xs
+                loss, grads = grad_fn(params, images, labels, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            xs = (jnp.arange(accum), split(batch["image"]), split(batch["label"]))
+            (loss, grads), _ = jax.lax.scan(body, zero, xs)
+            loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(params, updates),
+            "opt_state": opt_state,
+        }
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step_fn, donate_argnums=(0,))
+
+
+def make_eval_step(model):
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["image"], train=False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), batch["label"]
+        )
+        return jnp.argmax(logits, axis=-1), losses
+
+    return jax.jit(eval_step)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_step, params, batches: Iterator, sharding, num_classes: int) -> dict[str, Any]:
+    """Accuracy, loss, per-class precision/recall/F1 and the confusion matrix over every example."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    preds, labels, losses = [], [], []
+    for batch in batches:
+        mask = batch.pop("mask").astype(bool)
+        device_batch = to_device(batch, sharding)
+        pred, loss = eval_step(params, device_batch)
+        pred, loss = _gather(pred), _gather(loss)
+        label = _gather(device_batch["label"])
+        mask = _gather_host(mask)
+        preds.append(pred[mask])
+        labels.append(label[mask])
+        losses.append(loss[mask])
+    y_pred, y_true = np.concatenate(preds), np.concatenate(labels)
+    classes = list(range(num_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0
+    )
+    return {
+        "accuracy": float(np.mean(y_pred == y_true)),
+        "test_loss": float(np.mean(np.concatenate(losses))),
+        "num_examples": len(y_true),
+        "precision": precision.tolist(),
+        "recall": recall.tolist(),
+        "f1": f1.tolist(),
+        "support": support.tolist(),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
+    }
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _gather_host(x: np.ndarray) -> np.ndarray:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return x
+
+
+def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
+    """The evaluation as a printable table."""
+    width = max(8, *(len(n) for n in class_names)) + 2
+    lines = [
+        f"test accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} examples "
+        f"(loss {metrics['test_loss']:.4f})",
+        f"{'class':<{width}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}",
+    ]
+    for i, name in enumerate(class_names):
+        lines.append(
+            f"{name:<{width}}{metrics['precision'][i]:>10.3f}{metrics['recall'][i]:>10.3f}"
+            f"{metrics['f1'][i]:>10.3f}{metrics['support'][i]:>9d}"
+        )
+    if len(class_names) <= 20:
+        lines.append("confusion matrix (rows: true class, columns: predicted):")
+        lines += [" ".join(f"{v:4d}" for v in row) for row in metrics["confusion_matrix"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def prefetch(iterator: Iterator, sharding: NamedSharding, size: int = 2) -> Iterator:
+    """Moves batches to the devices in a background thread, `size` ahead of the training loop."""
+    import queue
+
+    q: queue.Queue = queue.Queue(maxsize=size)
+    sentinel = object()
+
+    def worker():
+        try:
+            for batch in iterator:
+                q.put(to_device(batch, sharding))
+        except BaseException as e:  # surfaced in the consumer
+            q.put(e)
+        q.put(sentinel)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not sentinel:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class MetricWriter:
+    """metrics.jsonl + TensorBoard event files in the run directory (process 0 only)."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.rows: list[dict[str, Any]] = []
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(workdir)
+            if os.path.exists(self.path):
+                with open(self.path) as f:
+                    self.rows = [json.loads(line) for line in f if line.strip()]
+
+    def write(self, row: dict[str, Any], resumed_from: int = -1) -> None:
+        if not self.active:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, row["step"])
+        self.tb.flush()
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget rows logged after the checkpoint we restart from."""
+        if not self.active:
+            return
+        self.rows = [r for r in self.rows if r["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+    def plot(self, path: str) -> None:
+        if not self.active or not self.rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        train = [r for r in self.rows if "train_loss" in r]
+        ax1.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train loss")
+        evals = [r for r in self.rows if "accuracy" in r]
+        if evals:
+            ax1.plot(
+                [r["step"] for r in evals], [r["test_loss"] for r in evals], "o-", label="test loss"
+            )
+            ax2.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="C2")
+        ax1.set(xlabel="step", ylabel="loss", title="loss")
+        ax1.legend()
+        ax2.set(xlabel="step", ylabel="accuracy", title="test accuracy", ylim=(0, 1))
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.active:
+            self.tb.close()
+
+
+def pretrained_path(config: ml_collections.ConfigDict) -> str:
+    if config.pretrained:
+        return config.pretrained
+    return os.path.join(os.path.expanduser(config.vit_pretrained_dir), f"{config.model}.npz")
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes (or trains from scratch) and evaluates; resumes from `workdir` if it has checkpoints.
+
+    Returns the final evaluation (accuracy, loss, per-class precision/recall/F1, confusion matrix) plus
+    `step`, `best_step`-free run facts. Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
+    events, curves.png, eval.json and (with `export_npz`) model.npz in the published layout.
+    """
+    import orbax.checkpoint as ocp
+
+    devices = jax.devices()
+    validate(config, len(devices))
+    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+
+    info = input_pipeline.get_info(config)
+    model = models.get_model(
+        config.model,
+        num_classes=info.num_classes,
+        dtype=jnp.dtype(config.dtype),
+        **config.model_overrides.to_dict(),
+    )
+    size = config.image_size
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    grid = model.grid_size(hw)
+    tx = make_optimizer(config)
+
+    def init_params(key):
+        return model.init(key, jnp.zeros((1, *hw, 3), jnp.float32), train=False)["params"]
+
+    def init_state(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    abstract = jax.eval_shape(lambda: init_state(init_params(jax.random.key(0))))
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
+    )
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+    start = manager.latest_step()
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
+    if start is not None:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+        )
+        state = manager.restore(
+            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+        log(f"resumed from {workdir}/checkpoints/{start}")
+    else:
+        params = jax.jit(init_params, out_shardings=shardings["params"])(
+            jax.random.key(config.seed)
+        )
+        if not config.from_scratch:
+            path = pretrained_path(config)
+            try:
+                loaded = checkpoint.load_pretrained(
+                    pretrained_path=path,
+                    init_params=jax.device_get(params),
+                    model_config=model,
+                    grid_size=grid,
+                )
+            except checkpoint.CheckpointError as e:
+                raise TrainingError(
+                    f"{e}\nOr train from random weights with --from_scratch."
+                ) from None
+            params = jax.device_put(loaded, shardings["params"])
+            log(f"initialised from {path}")
+        state = jax.jit(init_state, out_shardings=shardings)(params)
+        start = 0
+
+    train_step = make_train_step(model, tx, config, mesh)
+    eval_step = make_eval_step(model)
+    schedule = make_schedule(config)
+    writer = MetricWriter(workdir)
+    writer.truncate_after(start)
+    num_devices = len(devices)
+    local_batch = config.batch // jax.process_count()
+    local_eval = config.batch_eval // jax.process_count()
+
+    def run_eval():
+        batches = input_pipeline.eval_batches(
+            config, info, local_eval, jax.process_index(), jax.process_count()
+        )
+        return evaluate(eval_step, state["params"], batches, data_sharding, info.num_classes)
+
+    batches = prefetch(
+        input_pipeline.train_batches(
+            config, info, local_batch, start, jax.process_index(), jax.process_count()
+        ),
+        data_sharding,
+    )
+    log(
+        f"{config.model} ({models.count_params(model, hw):,} params) on {info.name} "
+        f"({info.num_classes} classes) at {hw[0]}x{hw[1]}, {num_devices} {devices[0].platform} "
+        f"device(s), batch {config.batch} (x{config.accum_steps} accumulation), steps "
+        f"{start}->{config.total_steps}, run directory {workdir}"
+    )
+
+    import tqdm
+
+    bar = tqdm.tqdm(
+        total=config.total_steps,
+        initial=start,
+        disable=not config.progress or jax.process_index() != 0,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    last_good = start
+    tick, tick_step = time.perf_counter(), start
+    eval_metrics: dict[str, Any] = {}
+
+    def flush(step: int) -> dict[str, Any]:
+        """Pulls pending metrics to the host; stops the run on a NaN/Inf loss."""
+        nonlocal tick, tick_step
+        host = [(s, jax.device_get(m)) for s, m in pending]
+        pending.clear()
+        for s, m in host:
+            if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+                manager.wait_until_finished()
+                raise TrainingError(
+                    f"the training loss became {float(m['loss'])} at step {s}; stopped. The last good "
+                    f"checkpoint is step {last_good} in {workdir}/checkpoints (kept as it was). "
+                    "Lower --base_lr, raise --warmup_steps or check --grad_norm_clip, then rerun."
+                )
+        now = time.perf_counter()
+        img_sec_core = (step - tick_step) * config.batch / max(now - tick, 1e-9) / num_devices
+        tick, tick_step = now, step
+        loss = float(np.mean([float(m["loss"]) for _, m in host])) if host else float("nan")
+        return {
+            "step": step,
+            "train_loss": loss,
+            "learning_rate": float(schedule(step - 1)),
+            "img_sec_core": img_sec_core,
+            "grad_norm": float(host[-1][1]["grad_norm"]) if host else float("nan"),
+        }
+
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            state, metrics = train_step(state, next(batches))
+            pending.append((step, metrics))
+            bar.update(1)
+            is_last = step == config.total_steps
+            do_eval = is_last or step % config.eval_every == 0
+            do_ckpt = is_last or step % config.checkpoint_every == 0
+            if step % config.log_every == 0 or do_eval or do_ckpt:
+                row = flush(step)
+                if do_eval:
+                    eval_metrics = run_eval()
+                    row.update(
+                        accuracy=eval_metrics["accuracy"], test_loss=eval_metrics["test_loss"]
+                    )
+                writer.write(row)
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.4f}",
+                    img_s_core=f"{row['img_sec_core']:.1f}",
+                    **({"acc": f"{row['accuracy']:.4f}"} if do_eval else {}),
+                )
+                if do_ckpt:
+                    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+                    last_good = step
+    finally:
+        bar.close()
+        manager.wait_until_finished()
+        writer.close()
+
+    if not eval_metrics:  # already finished before this call: evaluate the restored state
+        eval_metrics = run_eval()
+    result = {"step": config.total_steps, **eval_metrics}
+    if jax.process_index() == 0:
+        log(format_report(eval_metrics, info.class_names))
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump({**result, "class_names": info.class_names}, f)
+        writer.plot(os.path.join(workdir, "curves.png"))
+        if config.export_npz:
+            path = checkpoint.save(
+                jax.device_get(state["params"]), os.path.join(workdir, "model.npz")
+            )
+            log(f"exported {path}")
+        log(f"test accuracy {eval_metrics['accuracy']:.4f} after {config.total_steps} steps")
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+_PLAIN_FLAGS = [
+    "model",
+    "dataset",
+    "vit_pretrained_dir",
+    "pretrained",
+    "from_scratch",
+    "total_steps",
+    "warmup_steps",
+    "batch",
+    "batch_eval",
+    "accum_steps",
+    "base_lr",
+    "decay_type",
+    "grad_norm_clip",
+    "optimizer",
+    "weight_decay",
+    "image_size",
+    "eval_every",
+    "checkpoint_every",
+    "shuffle_buffer",
+    "tfds_data_dir",
+    "tfds_manual_dir",
+    "dtype",
+    "seed",
+]
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    d = default_config()
+    f = flags
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "A config file configs/X.py[:arg]; then --config.KEY=VALUE overrides any field.",
+    )
+    f.DEFINE_string("model", None, f"Model name, e.g. ViT-B_16 (default {d.model}).")
+    f.DEFINE_string(
+        "dataset",
+        None,
+        "TFDS name (cifar10, cifar100, imagenet2012, ...), an image folder "
+        f"ROOT with ROOT/{{train,test}}/<class>/<file>, or 'digits' (default {d.dataset}).",
+    )
+    f.DEFINE_string(
+        "name",
+        None,
+        "Run name; the run directory is {logdir}/{name} "
+        "(default: {model}-{dataset}-{timestamp}, or the newest unfinished such run).",
+    )
+    f.DEFINE_string("logdir", "runs", "Parent directory of run directories.")
+    f.DEFINE_string(
+        "vit_pretrained_dir",
+        None,
+        f"Directory holding the published {{model}}.npz files (default {d.vit_pretrained_dir!r}).",
+    )
+    f.DEFINE_string(
+        "pretrained", None, "Explicit checkpoint to fine-tune from (.npz path, gs://, https://)."
+    )
+    f.DEFINE_bool("from_scratch", None, "Start from random weights instead of a checkpoint.")
+    f.DEFINE_integer("total_steps", None, f"Number of update steps (default {d.total_steps}).")
+    f.DEFINE_integer(
+        "warmup_steps", None, f"Linear learning-rate warmup steps (default {d.warmup_steps})."
+    )
+    f.DEFINE_integer("batch", None, f"Global batch size per update (default {d.batch}).")
+    f.DEFINE_integer("batch_eval", None, f"Global evaluation batch size (default {d.batch_eval}).")
+    f.DEFINE_integer(
+        "accum_steps",
+        None,
+        "Split each batch into this many micro-batches and accumulate "
+        f"gradients (less memory, same update; default {d.accum_steps}).",
+    )
+    f.DEFINE_float("base_lr", None, f"Peak learning rate (default {d.base_lr}).")
+    f.DEFINE_enum(
+        "decay_type", None, ["cosine", "linear"], f"Decay after warmup (default {d.decay_type})."
+    )
+    f.DEFINE_float(
+        "grad_norm_clip",
+        None,
+        f"Clip gradients to this global norm; 0 = off (default {d.grad_norm_clip}).",
+    )
+    f.DEFINE_enum(
+        "optimizer",
+        None,
+        ["sgd", "adamw"],
+        f"SGD with momentum 0.9, or AdamW (default {d.optimizer}).",
+    )
+    f.DEFINE_float("weight_decay", None, f"Decoupled weight decay (default {d.weight_decay}).")
+    f.DEFINE_integer(
+        "image_size",
+        None,
+        f"Training and evaluation resolution in pixels (default {d.image_size}).",
+    )
+    f.DEFINE_integer(
+        "eval_every",
+        None,
+        f"Evaluate on the whole test split every N steps (default {d.eval_every}).",
+    )
+    f.DEFINE_integer(
+        "checkpoint_every",
+        None,
+        f"Write an orbax checkpoint every N steps (default {d.checkpoint_every}).",
+    )
+    f.DEFINE_integer(
+        "shuffle_buffer", None, f"tf.data shuffle buffer (default {d.shuffle_buffer})."
+    )
+    f.DEFINE_string(
+        "tfds_data_dir", None, "TFDS data directory (default: TFDS's own, ~/tensorflow_datasets)."
+    )
+    f.DEFINE_string(
+        "tfds_manual_dir", None, "Directory with manually downloaded files (imagenet2012)."
+    )
+    f.DEFINE_enum("dtype", None, ["float32", "bfloat16"], f"Compute dtype (default {d.dtype}).")
+    f.DEFINE_integer(
+        "seed", None, f"Random seed for init, data order, augmentation, dropout (default {d.seed})."
+    )
+    return flags.FLAGS
+
+
+def config_from_flags(flags_obj) -> ml_collections.ConfigDict:
+    config = flags_obj.config if flags_obj.config is not None else default_config()
+    for name in _PLAIN_FLAGS:
+        if flags_obj[name].value is not None:
+            config[name] = flags_obj[name].value
+    return config
+
+
+def run_directory(logdir: str, name: str | None, config: ml_collections.ConfigDict) -> str:
+    """{logdir}/{name}; without a name, the newest unfinished {model}-{dataset}-* run, else a new one."""
+    if name:
+        return os.path.join(logdir, name)
+    stem = f"{config.model}-{os.path.basename(os.path.normpath(config.dataset))}"
+    unfinished = [
+        d
+        for d in sorted(glob.glob(os.path.join(logdir, f"{glob.escape(stem)}-*")))
+        if os.path.isdir(os.path.join(d, "checkpoints"))
+        and not os.path.exists(os.path.join(d, "eval.json"))
+    ]
+    if unfinished:
+        return unfinished[-1]
+    return os.path.join(logdir, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from absl import app
+
+    flags_obj = _define_flags()
+
+    def _main(args):
+        from absl import logging
+
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+        if len(args) > 1:
+            raise app.UsageError(f"unexpected arguments: {args[1:]}")
+        try:
+            config = config_from_flags(flags_obj)
+            workdir = run_directory(flags_obj.logdir, flags_obj.name, config)
+            train_and_evaluate(config, workdir)
+        except (TrainingError, checkpoint.CheckpointError, input_pipeline.DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
