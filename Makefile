@@ -1,5 +1,5 @@
 # The README's commands. Each one creates its own virtual environment and installs from nothing.
-#   make demo   - the main job, offline, on the embedded dataset
+#   make demo   - the main job: fine-tune a ViT offline on the embedded digits dataset
 #   make test   - lint + format check + the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m vit_jax.summary --model ViT-B_16 --image_size 224
+	$(PY) -m vit_jax.train --config configs/digits.py --logdir runs --name digits-demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -421,7 +421,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     devices = jax.devices()
     validate(config, len(devices))
-    mesh = jax.make_mesh((len(devices),), ("data",), devices=devices)
+    # Auto axes: XLA propagates the batch sharding (JAX >= 0.9 defaults make_mesh to Explicit).
+    mesh = jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     workdir = os.path.abspath(workdir)
@@ -447,8 +450,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     abstract = jax.eval_shape(lambda: init_state(init_params(jax.random.key(0))))
     shardings = jax.tree.map(lambda _: replicated, abstract)
+    # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
+    # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True
+        max_to_keep=config.keep_checkpoints,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
     )
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
     start = manager.latest_step()
@@ -532,12 +540,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         host = [(s, jax.device_get(m)) for s, m in pending]
         pending.clear()
         for s, m in host:
-            if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
-                manager.wait_until_finished()
+            bad = {k: float(m[k]) for k in ("loss", "grad_norm") if not math.isfinite(float(m[k]))}
+            if bad:
+                what = " and ".join(
+                    f"{'training loss' if k == 'loss' else 'gradient norm'} became {v}"
+                    for k, v in bad.items()
+                )
+                kept = (
+                    f"The last good checkpoint is step {last_good} in {workdir}/checkpoints (kept as "
+                    "it was)."
+                    if manager.latest_step() is not None
+                    else "No checkpoint had been written yet."
+                )
                 raise TrainingError(
-                    f"the training loss became {float(m['loss'])} at step {s}; stopped. The last good "
-                    f"checkpoint is step {last_good} in {workdir}/checkpoints (kept as it was). "
-                    "Lower --base_lr, raise --warmup_steps or check --grad_norm_clip, then rerun."
+                    f"the {what} at step {s}; stopped. {kept} Lower --base_lr, raise "
+                    "--warmup_steps or check --grad_norm_clip, then rerun."
                 )
         now = time.perf_counter()
         img_sec_core = (step - tick_step) * config.batch / max(now - tick, 1e-9) / num_devices

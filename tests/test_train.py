@@ -1,0 +1,320 @@
+"""Fine-tuning: end-to-end runs (mock CIFAR-10, image folder, digits), accumulation, devices, resume."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vit_jax import checkpoint, input_pipeline, models, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(dataset="digits", **overrides):
+    c = train.preset(dataset, "runlocal")
+    c.model_overrides = dict(
+        hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch_size=(4, 4)
+    )
+    c.image_size, c.batch, c.batch_eval = 8, 8, 16
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 4, 2
+    c.progress = False
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def rows(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_mock_cifar10_run_evaluates_every_example(tmp_path):
+    config = tiny_config("cifar10", image_size=32, batch_eval=16)
+    config.model_overrides = dict(hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1)
+    with tfds.testing.mock_data(num_examples=37):
+        result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["num_examples"] == 37  # 16 + 16 + 5 (padded and masked), none dropped
+    assert sum(result["support"]) == 37 and np.sum(result["confusion_matrix"]) == 37
+    logged = rows(tmp_path)
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert {"step", "train_loss", "learning_rate", "img_sec_core"} <= set(logged[0])
+    assert "accuracy" in logged[-1] and "accuracy" not in logged[0]
+    for name in ("model.npz", "curves.png", "eval.json"):
+        assert os.path.exists(tmp_path / name), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    exported = checkpoint.load(str(tmp_path / "model.npz"))
+    assert exported["head"]["kernel"].shape == (16, 10)
+
+
+def _write_folder(root, corrupt=False):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for cls, channel in (("red", 0), ("blue", 2)):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                h, w = rng.integers(10, 30, size=2)
+                pixels = np.zeros((h, w, 3), np.uint8)
+                pixels[..., channel] = 200
+                mode = ("RGB", "L", "RGBA")[i % 3]
+                Image.fromarray(pixels).convert(mode).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "red" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    return root
+
+
+def test_image_folder_run(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    config = tiny_config(str(root), batch_eval=4)
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["num_examples"] == 6  # every test image, the last batch padded
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["class_names"] == [
+        "blue",
+        "red",
+    ]
+
+
+def test_unreadable_image_is_named_or_skipped(tmp_path):
+    root = _write_folder(tmp_path / "data", corrupt=True)
+    config = tiny_config(str(root))
+    with pytest.raises(input_pipeline.DataError, match=r"unreadable image .*broken\.jpg"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.skip_bad_images = True
+    info = input_pipeline.get_info(config)
+    files, _, bad = input_pipeline._folder_files(str(root), "train", info.class_names, True)
+    assert len(files) == 12 and [os.path.basename(b) for b in bad] == ["broken.jpg"]
+    assert train.train_and_evaluate(config, str(tmp_path / "run2"))["num_examples"] == 6
+
+
+def test_preprocessing_ranges_and_grayscale_to_rgb():
+    config = tiny_config(image_size=12)
+    info = input_pipeline.get_info(config)
+    batch = next(input_pipeline.train_batches(config, info, 8))
+    assert batch["image"].shape == (8, 12, 12, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+    np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # gray -> RGB
+    evals = list(input_pipeline.eval_batches(config, info, 100))
+    assert sum(int(b["mask"].sum()) for b in evals) == 360 and evals[-1]["mask"][60:].sum() == 0
+
+
+def test_data_order_resumes_exactly():
+    config = tiny_config()
+    info = input_pipeline.get_info(config)
+    full = input_pipeline.train_batches(config, info, 8)
+    batches = [next(full) for _ in range(5)]
+    resumed = next(input_pipeline.train_batches(config, info, 8, start_step=3))
+    np.testing.assert_array_equal(resumed["image"], batches[3]["image"])
+    np.testing.assert_array_equal(resumed["label"], batches[3]["label"])
+
+
+def test_loss_decreases_on_digits(tmp_path):
+    config = tiny_config(total_steps=250, eval_every=250, checkpoint_every=250, log_every=25)
+    config.optimizer, config.base_lr, config.warmup_steps, config.batch = "adamw", 3e-3, 5, 32
+    config.crop_area, config.momentum_dtype = (0.9, 1.0), "float32"
+    config.model_overrides = dict(
+        hidden_size=32,
+        mlp_dim=64,
+        num_heads=2,
+        num_layers=1,
+        patch_size=(2, 2),
+        dropout_rate=0.0,
+        classifier="gap",
+    )
+    result = train.train_and_evaluate(config, str(tmp_path))
+    losses = [r["train_loss"] for r in rows(tmp_path)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result["accuracy"] > 0.5
+
+
+def test_accumulation_equals_one_big_batch():
+    model = models.get_model("testing", num_classes=3, dropout_rate=0.0, hidden_size=16, mlp_dim=16)
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    images = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3), minval=-1, maxval=1)
+    labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
+    params = model.init(jax.random.key(1), images[:1])["params"]
+    params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(2), (16, 3))
+
+    def one_step(accum):
+        config = tiny_config(accum_steps=accum, batch=8, warmup_steps=0, base_lr=0.1)
+        tx = train.make_optimizer(config)
+        step = train.make_train_step(model, tx, config, mesh)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+        state = jax.tree.map(jnp.copy, state)
+        new, metrics = step(state, {"image": images, "label": labels})
+        return new["params"], float(metrics["loss"])
+
+    p1, l1 = one_step(1)
+    p2, l2 = one_step(2)
+    assert abs(l1 - l2) < 1e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+    assert not np.allclose(p1["head"]["kernel"], params["head"]["kernel"])
+
+
+_DEVICE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    from vit_jax import train
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_config
+    config = tiny_config(total_steps=5, checkpoint_every=5, eval_every=5, accum_steps=2, batch=16)
+    config.model_overrides["dropout_rate"] = 0.1
+    result = train.train_and_evaluate(config, sys.argv[1])
+    losses = [json.loads(l)["train_loss"] for l in open(sys.argv[1] + "/metrics.jsonl")]
+    print(json.dumps({{"devices": jax.device_count(), "losses": losses, "acc": result["accuracy"]}}))
+    """
+)
+
+
+def test_eight_devices_give_the_same_losses_as_one(tmp_path):
+    script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"))
+    out = {}
+    for n in (1, 8):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        proc = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"d{n}")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=REPO,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out[1]["devices"] == 1 and out[8]["devices"] == 8
+    np.testing.assert_allclose(out[8]["losses"], out[1]["losses"], rtol=1e-5)
+    assert out[8]["acc"] == out[1]["acc"]
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    config = tiny_config(total_steps=8, checkpoint_every=3, eval_every=8)
+    config.model_overrides["dropout_rate"] = 0.1
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    real = input_pipeline.train_batches
+
+    def interrupted(*args, **kwargs):
+        it = real(*args, **kwargs)
+        for _ in range(5):
+            yield next(it)
+        raise KeyboardInterrupt("simulated kill after 5 batches")
+
+    monkeypatch.setattr(input_pipeline, "train_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+    monkeypatch.setattr(input_pipeline, "train_batches", real)
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+    a = checkpoint.load(str(tmp_path / "straight" / "model.npz"))
+    b = checkpoint.load(str(tmp_path / "resumed" / "model.npz"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert [r["step"] for r in rows(tmp_path / "resumed")] == list(range(1, 9))
+    # An orbax training checkpoint converts to the published npz layout.
+    out = checkpoint.convert(str(tmp_path / "resumed"), str(tmp_path / "from_orbax.npz"))
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load(out), b)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    # Warmup makes step 1's learning rate 0: step 1 is checkpointed, then the run diverges.
+    config = tiny_config(total_steps=30, checkpoint_every=1, eval_every=100, warmup_steps=2)
+    config.base_lr, config.grad_norm_clip, config.optimizer = 1e30, 0.0, "sgd"
+    pattern = r"the (training loss|gradient norm) became (nan|inf|-inf) .*at step (\d+); stopped"
+    with pytest.raises(train.TrainingError, match=pattern) as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    bad_step = int(re.search(pattern, str(e.value)).group(3))
+    assert steps and steps[-1] == bad_step - 1
+    assert f"last good checkpoint is step {steps[-1]} in" in str(e.value)
+    restored = checkpoint.load_orbax_params(str(tmp_path))  # the kept checkpoint is intact
+    assert all(np.isfinite(v).all() for v in jax.tree.leaves(restored))
+
+
+def test_fine_tune_from_published_npz_at_another_resolution(tmp_path):
+    pretrained = models.get_model("testing", num_classes=21, representation_size=10)
+    params = pretrained.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    checkpoint.save(params, str(tmp_path / "testing.npz"))  # 2x2 grid, pre_logits, 21 classes
+    config = tiny_config(total_steps=2, checkpoint_every=2, eval_every=2, image_size=48)
+    config.model_overrides = {}
+    config.from_scratch, config.vit_pretrained_dir = False, str(tmp_path)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    out = checkpoint.load(str(tmp_path / "run" / "model.npz"))
+    assert out["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 10, 10)  # 3x3 + cls
+    assert out["head"]["kernel"].shape == (10, 10) and "pre_logits" not in out
+
+
+def test_bad_batch_is_a_clear_error():
+    with pytest.raises(train.TrainingError, match="batch 10 is not divisible by accum_steps=4"):
+        train.validate(tiny_config(batch=10, accum_steps=4), 1)
+    with pytest.raises(train.TrainingError, match=r"micro-batch 6 .* not divisible by 8 devices"):
+        train.validate(tiny_config(batch=12, accum_steps=2), 8)
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "vit_jax.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    common = [
+        "--logdir",
+        str(tmp_path / "runs"),
+        "--total_steps",
+        "2",
+        "--batch",
+        "4",
+        "--accum_steps",
+        "1",
+    ]
+    ok = _cli(
+        "--model",
+        "testing",
+        "--dataset",
+        str(root),
+        "--from_scratch",
+        "--image_size",
+        "32",
+        "--batch_eval",
+        "4",
+        "--name",
+        "cli",
+        *common,
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "test accuracy" in ok.stdout
+    assert os.path.exists(tmp_path / "runs" / "cli" / "model.npz")
+
+    missing = _cli(
+        "--model",
+        "ViT-B_16",
+        "--dataset",
+        str(root),
+        "--vit_pretrained_dir",
+        str(tmp_path),
+        *common,
+    )
+    assert missing.returncode == 2
+    assert "ViT-B_16.npz not found" in missing.stderr and "gs://vit_models" in missing.stderr
+    assert "--from_scratch" in missing.stderr and "Traceback" not in missing.stderr
+
+    unknown = _cli("--config", "configs/digits.py", "--config.no_such_key=1", *common)
+    assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+
+    helptext = _cli("--help")
+    for flag in ("--accum_steps", "--vit_pretrained_dir", "--decay_type", "--tfds_manual_dir"):
+        assert flag in helptext.stdout
