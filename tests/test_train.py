@@ -318,3 +318,42 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     helptext = _cli("--help")
     for flag in ("--accum_steps", "--vit_pretrained_dir", "--decay_type", "--tfds_manual_dir"):
         assert flag in helptext.stdout
+
+
+def test_cli_on_mock_cifar10(tmp_path):
+    code = textwrap.dedent(
+        """
+        import sys
+        import tensorflow_datasets as tfds
+        from vit_jax import train
+        with tfds.testing.mock_data(num_examples=20):
+            train.main(["vit-train", *sys.argv[1:]])
+        """
+    )
+    args = ["--model", "testing", "--dataset", "cifar10", "--from_scratch", "--image_size", "32",
+            "--total_steps", "2", "--batch", "4", "--batch_eval", "8", "--accum_steps", "2",
+            "--logdir", str(tmp_path), "--name", "mock"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "test accuracy" in proc.stdout and "on 20 examples" in proc.stdout
+    assert [r["step"] for r in rows(tmp_path / "mock")] == [2]  # log_every=50: the final eval step
+
+
+def test_run_directory_resumes_the_newest_unfinished_run(tmp_path):
+    config = tiny_config()
+    config.model = "ViT-B_16"
+    assert train.run_directory(str(tmp_path), "mine", config) == str(tmp_path / "mine")
+    fresh = train.run_directory(str(tmp_path), None, config)
+    assert os.path.basename(fresh).startswith("ViT-B_16-digits-")
+    for name, finished in (
+        ("ViT-B_16-digits-20260101-000000", True),
+        ("ViT-B_16-digits-20260102-000000", False),
+    ):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        if finished:
+            (tmp_path / name / "eval.json").write_text("{}")
+    assert train.run_directory(str(tmp_path), None, config) == str(
+        tmp_path / "ViT-B_16-digits-20260102-000000"
+    )
