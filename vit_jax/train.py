@@ -252,7 +252,7 @@ def evaluate(eval_step, params, batches: Iterator, sharding, num_classes: int) -
         pred, loss = eval_step(params, device_batch)
         pred, loss = _gather(pred), _gather(loss)
         label = _gather(device_batch["label"])
-        mask = _gather_host(mask)
+        mask = _gather(mask)
         preds.append(pred[mask])
         labels.append(label[mask])
         losses.append(loss[mask])
@@ -273,20 +273,13 @@ def evaluate(eval_step, params, batches: Iterator, sharding, num_classes: int) -
     }
 
 
-def _gather(x: jax.Array) -> np.ndarray:
+def _gather(x: jax.Array | np.ndarray) -> np.ndarray:
+    """A global array, or each process's host rows, as one host array of all rows."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-
-
-def _gather_host(x: np.ndarray) -> np.ndarray:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return x
 
 
 def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
@@ -353,7 +346,7 @@ class MetricWriter:
                 with open(self.path) as f:
                     self.rows = [json.loads(line) for line in f if line.strip()]
 
-    def write(self, row: dict[str, Any], resumed_from: int = -1) -> None:
+    def write(self, row: dict[str, Any]) -> None:
         if not self.active:
             return
         self.rows.append(row)

@@ -26,19 +26,13 @@ def _hybrid(size: str, resnet_layers: tuple[int, ...], patch: int = 1, **kw: Any
     return _vit(size, patch, resnet_layers=resnet_layers, resnet_width_factor=1.0, **kw)
 
 
+_TESTING = dict(
+    patch_size=(16, 16), hidden_size=10, mlp_dim=10, num_heads=2, num_layers=1, dropout_rate=0.1
+)
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    "testing": dict(
-        patch_size=(16, 16), hidden_size=10, mlp_dim=10, num_heads=2, num_layers=1, dropout_rate=0.1
-    ),
-    "testing-unpooled": dict(
-        patch_size=(16, 16),
-        hidden_size=10,
-        mlp_dim=10,
-        num_heads=2,
-        num_layers=1,
-        dropout_rate=0.1,
-        classifier="token_unpooled",
-    ),
+    "testing": _TESTING,
+    "testing-unpooled": {**_TESTING, "classifier": "token_unpooled"},
     "ViT-Ti_16": _vit("Ti", 16),
     "ViT-S_16": _vit("S", 16),
     "ViT-S_32": _vit("S", 32),
