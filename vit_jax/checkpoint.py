@@ -505,28 +505,28 @@ def load_pretrained_model(
 
     `num_classes=None` keeps the checkpoint's head (and `pre_logits`); another number starts a new zero
     head. `image_size=None` uses the checkpoint's resolution; another size resizes the position
-    embeddings. `name=None` picks the variant from the file's shapes. `overrides` go to `get_model`.
+    embeddings. `name=None` picks the variant from the file's shapes (or, when none matches, builds the
+    architecture the shapes describe). `overrides` go to `get_model`.
     """
-    from vit_jax.models import get_model, param_shapes
+    from vit_jax.models import VisionTransformer, get_model, param_shapes
 
     restored = load(path)
     config = infer_config(restored)
     candidates = matching_variants(config)
-    if name is None:
-        if not candidates:
-            raise CheckpointError(f"{path} matches no known model; its shapes: {config}")
-        name = candidates[0]
-    elif name not in candidates:
+    if name is not None and name not in candidates:
         raise CheckpointError(
             f"{path} does not hold a {name} model: it looks like "
             f"{' / '.join(candidates) or 'no known model'} ({_describe(config)})"
         )
-    model = get_model(
-        name,
-        num_classes=config["num_classes"] if num_classes is None else num_classes,
-        representation_size=config["representation_size"],
-        **overrides,
-    )
+    head = {
+        "num_classes": config["num_classes"] if num_classes is None else num_classes,
+        "representation_size": config["representation_size"],
+    }
+    if name is None and not candidates:  # e.g. a fine-tuned run with custom sizes
+        arch = {k: config[k] for k in (*_ARCH_KEYS, "classifier")}
+        model = VisionTransformer(**arch, **head, **overrides)
+    else:
+        model = get_model(name or candidates[0], **head, **overrides)
     if image_size is None:
         if config["grid_size"] is None:
             raise CheckpointError(f"{path}: non-square position embedding; pass image_size")

@@ -424,11 +424,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
 
     info = input_pipeline.get_info(config)
+    overrides = config.model_overrides.to_dict()
     model = models.get_model(
         config.model,
         num_classes=info.num_classes,
         dtype=jnp.dtype(config.dtype),
-        **config.model_overrides.to_dict(),
+        **overrides,
     )
     size = config.image_size
     hw = (size, size) if isinstance(size, int) else tuple(size)
@@ -506,8 +507,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ),
         data_sharding,
     )
+    model_name = config.model + (f" with {overrides}" if overrides else "")
     log(
-        f"{config.model} ({models.count_params(model, hw):,} params) on {info.name} "
+        f"{model_name} ({models.count_params(model, hw):,} params) on {info.name} "
         f"({info.num_classes} classes) at {hw[0]}x{hw[1]}, {num_devices} {devices[0].platform} "
         f"device(s), batch {config.batch} (x{config.accum_steps} accumulation), steps "
         f"{start}->{config.total_steps}, run directory {workdir}"

@@ -1,0 +1,99 @@
+"""Predictions: top-k labels from a checkpoint whose head is built to prefer a known class."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import checkpoint, models, predict
+
+
+def _checkpoint(path, num_classes=3, preferred=2, **overrides):
+    """A model whose head ignores the features (zero kernel) and whose bias favours `preferred`."""
+    model = models.get_model("testing", num_classes=num_classes, **overrides)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params["head"]["bias"] = jnp.zeros(num_classes).at[preferred].set(5.0)
+    checkpoint.save(params, str(path))
+    return path
+
+
+def _images(directory, n=3, corrupt=True):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        size = (20 + 7 * i, 40 - 5 * i)
+        mode = ("RGB", "L", "RGBA")[i % 3]
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).convert(mode).save(
+            directory / f"img{i}.png"
+        )
+    if corrupt:
+        (directory / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return directory
+
+
+def test_json_top1_is_the_preferred_class_and_bad_files_are_reported(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.npz")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    images = _images(tmp_path / "images", n=5)
+    predict.main([str(images), "--checkpoint", str(ckpt), "--labels", str(labels), "--top_k", "2",
+                  "--batch", "2", "--json"])  # fmt: skip
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert [r["file"].rsplit("/", 1)[1] for r in out["results"]] == [
+        f"img{i}.png" for i in range(5)
+    ]
+    expected = math.exp(5) / (math.exp(5) + 2)
+    for r in out["results"]:
+        assert [p["label"] for p in r["predictions"]] == ["bird", "cat"]
+        assert r["predictions"][0]["probability"] == pytest.approx(expected, rel=1e-5)
+    assert [e["file"].rsplit("/", 1)[1] for e in out["errors"]] == ["broken.jpg"]
+    assert "could not read" in captured.err and "broken.jpg" in captured.err
+
+
+def test_text_output_and_image_size(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.npz", num_classes=4, preferred=1)
+    images = _images(tmp_path / "images", n=1, corrupt=False)
+    predict.main(
+        [str(images / "img0.png"), "--checkpoint", str(ckpt), "--image_size", "64", "--top_k", "1"]
+    )
+    line = capsys.readouterr().out.strip()
+    assert line.endswith("img0.png: 1 " + f"{math.exp(5) / (math.exp(5) + 3):.3f}")
+
+
+def test_workdir_with_custom_architecture_and_class_names(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    # Sizes that match no named variant, like the digits demo's model.
+    _checkpoint(
+        run / "model.npz", num_classes=2, preferred=0, hidden_size=12, mlp_dim=20, patch_size=(8, 8)
+    )
+    (run / "eval.json").write_text(json.dumps({"class_names": ["blue", "red"]}))
+    images = _images(tmp_path / "images", n=2, corrupt=False)
+    predict.main([str(images), "--workdir", str(run), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert [r["predictions"][0]["label"] for r in out["results"]] == ["blue", "blue"]
+
+
+def test_imagenet_labels_ship_with_the_package():
+    names = predict.imagenet_labels()
+    assert len(names) == 1000
+    assert (names[0], names[207], names[281], names[999]) == (
+        "tench",
+        "golden retriever",
+        "tabby",
+        "toilet tissue",
+    )
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        predict.main(
+            [str(tmp_path), "--model", "ViT-B_16", "--checkpoint", str(tmp_path / "ViT-B_16.npz")]
+        )
+    assert e.value.code == 2
+    assert "gs://vit_models" in capsys.readouterr().err

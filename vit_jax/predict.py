@@ -1,0 +1,194 @@
+"""Top-k labels for images, from a published checkpoint or a fine-tuned run.
+
+    python -m vit_jax.predict --model ViT-B_16 --checkpoint ViT-B_16_imagenet2012.npz cat.jpg photos/
+    python -m vit_jax.predict --workdir runs/my-run --top_k 3 --json test_images/
+
+The resolution comes from the checkpoint's position embeddings unless --image_size is given. Images are
+processed in fixed-size batches (one compilation for any number of files); unreadable files are
+reported by name on stderr and the rest are still predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-2012 class names in label order (shipped with the package)."""
+    text = resources.files("vit_jax").joinpath("data/imagenet2012_labels.txt").read_text()
+    return [
+        line.split("\t", 1)[1] for line in text.splitlines() if line and not line.startswith("#")
+    ]
+
+
+def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) -> list[str]:
+    """Label names: 'imagenet2012', a file with one name per line, a run's classes, or indices."""
+    if spec == "imagenet2012" or (spec is None and workdir is None and num_classes == 1000):
+        names = imagenet_labels()
+    elif spec:
+        with open(spec) as f:
+            names = [line.strip() for line in f if line.strip()]
+    elif workdir and os.path.exists(os.path.join(workdir, "eval.json")):
+        with open(os.path.join(workdir, "eval.json")) as f:
+            names = json.load(f)["class_names"]
+    else:
+        names = [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(
+            f"{len(names)} label names for a model with {num_classes} classes ({spec})"
+        )
+    return names
+
+
+def find_images(paths: Sequence[str]) -> list[str]:
+    """Files as given, and image files under directories (sorted)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in sorted(os.walk(path)):
+                files += [
+                    os.path.join(root, n)
+                    for n in sorted(names)
+                    if n.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+        else:
+            files.append(path)
+    return files
+
+
+def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
+    """RGB image resized (bilinear, antialiased) to `size`=(H, W), float32 in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+        return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def _batches(
+    files: list[str], size, batch: int, errors: list
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    names, images = [], []
+    for path in files:
+        try:
+            images.append(load_image(path, size))
+            names.append(path)
+        except Exception as e:  # PIL raises many types for bad files; report and go on
+            errors.append((path, f"{type(e).__name__}: {e}"))
+            continue
+        if len(names) == batch:
+            yield names, np.stack(images)
+            names, images = [], []
+    if names:
+        yield names, np.stack(images)
+
+
+def input_size(model: Any, params: Any) -> tuple[int, int]:
+    """The (H, W) in pixels that the params' position embeddings were made for."""
+    from vit_jax.checkpoint import infer_config
+
+    gh, gw = infer_config(params)["grid_size"]
+    return gh * model.stride[0], gw * model.stride[1]
+
+
+def predict(
+    model: Any, params: Any, files: list[str], labels: list[str], top_k: int = 5, batch: int = 32
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """[{'file', 'predictions': [{'label', 'index', 'probability'}...]}], [(file, error)].
+
+    Images are resized to the resolution of the params' position embeddings.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    h, w = input_size(model, params)
+
+    @jax.jit
+    def probabilities(images):
+        return jax.nn.softmax(
+            model.apply({"params": params}, images, train=False).astype(jnp.float32)
+        )
+
+    results, errors = [], []
+    for names, images in _batches(files, (h, w), batch, errors):
+        n = len(names)
+        padded = np.pad(images, [(0, batch - n), (0, 0), (0, 0), (0, 0)])  # one shape, one compile
+        probs = np.asarray(probabilities(padded))[:n]
+        for name, p in zip(names, probs, strict=True):
+            top = np.argsort(-p)[:top_k]
+            results.append(
+                {
+                    "file": name,
+                    "predictions": [
+                        {"label": labels[i], "index": int(i), "probability": float(p[i])}
+                        for i in top
+                    ],
+                }
+            )
+    return results, errors
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("images", nargs="+", help="image files and/or directories")
+    parser.add_argument("--model", help="model name (default: read from the checkpoint's shapes)")
+    parser.add_argument("--checkpoint", help=".npz (local path, gs://, https://)")
+    parser.add_argument(
+        "--workdir", help="a vit_jax.train run directory (its model.npz and class names)"
+    )
+    parser.add_argument(
+        "--labels",
+        help="'imagenet2012' or a file with one label per line "
+        "(default: ImageNet names for 1000 classes, a run's classes, else indices)",
+    )
+    parser.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
+    parser.add_argument("--image_size", type=int, help="resolution (default: the checkpoint's)")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="images per forward pass (default 32)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+
+    from vit_jax import checkpoint
+
+    path = args.checkpoint or (os.path.join(args.workdir, "model.npz") if args.workdir else None)
+    if path is None:
+        parser.error("give --checkpoint FILE.npz or --workdir RUN_DIR")
+    try:
+        model, params = checkpoint.load_pretrained_model(
+            args.model, path, image_size=args.image_size
+        )
+        labels = read_labels(args.labels, model.num_classes, args.workdir)
+    except (checkpoint.CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    files = find_images(args.images)
+    results, errors = predict(model, params, files, labels, args.top_k, args.batch)
+    for name, error in errors:
+        print(f"could not read {name}: {error}", file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps({"results": results, "errors": [{"file": f, "error": e} for f, e in errors]})
+        )
+    else:
+        for r in results:
+            top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
+            print(f"{r['file']}: {top}")
+    if errors and not results:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
