@@ -113,8 +113,10 @@ def predict(
 
     h, w = input_size(model, params)
 
+    # Params are an argument, not a closure: closed-over arrays become constants of the compiled
+    # program (hundreds of MB for ViT-B, and XLA:CPU's constant folding then gave NaN softmaxes).
     @jax.jit
-    def probabilities(images):
+    def probabilities(params, images):
         return jax.nn.softmax(
             model.apply({"params": params}, images, train=False).astype(jnp.float32)
         )
@@ -123,7 +125,7 @@ def predict(
     for names, images in _batches(files, (h, w), batch, errors):
         n = len(names)
         padded = np.pad(images, [(0, batch - n), (0, 0), (0, 0), (0, 0)])  # one shape, one compile
-        probs = np.asarray(probabilities(padded))[:n]
+        probs = np.asarray(probabilities(params, padded))[:n]
         for name, p in zip(names, probs, strict=True):
             top = np.argsort(-p)[:top_k]
             results.append(
