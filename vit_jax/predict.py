@@ -140,40 +140,51 @@ def predict(
     return results, errors
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("images", nargs="+", help="image files and/or directories")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model/--checkpoint/--workdir/--image_size, shared by the predict and visualize commands."""
     parser.add_argument("--model", help="model name (default: read from the checkpoint's shapes)")
     parser.add_argument("--checkpoint", help=".npz (local path, gs://, https://)")
     parser.add_argument(
         "--workdir", help="a vit_jax.train run directory (its model.npz and class names)"
     )
-    parser.add_argument(
-        "--labels",
-        help="'imagenet2012' or a file with one label per line "
-        "(default: ImageNet names for 1000 classes, a run's classes, else indices)",
-    )
-    parser.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
     parser.add_argument("--image_size", type=int, help="resolution (default: the checkpoint's)")
-    parser.add_argument(
-        "--batch", type=int, default=32, help="images per forward pass (default 32)"
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
 
+
+def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
+    """(model, params) for the arguments of `add_model_arguments`; usage or load errors exit cleanly."""
     from vit_jax import checkpoint
 
     path = args.checkpoint or (os.path.join(args.workdir, "model.npz") if args.workdir else None)
     if path is None:
         parser.error("give --checkpoint FILE.npz or --workdir RUN_DIR")
     try:
-        model, params = checkpoint.load_pretrained_model(
-            args.model, path, image_size=args.image_size
-        )
+        return checkpoint.load_pretrained_model(args.model, path, image_size=args.image_size)
+    except (checkpoint.CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("images", nargs="+", help="image files and/or directories")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--labels",
+        help="'imagenet2012' or a file with one label per line "
+        "(default: ImageNet names for 1000 classes, a run's classes, else indices)",
+    )
+    parser.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
+    parser.add_argument(
+        "--batch", type=int, default=32, help="images per forward pass (default 32)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    model, params = load_model_from_args(parser, args)
+    try:
         labels = read_labels(args.labels, model.num_classes, args.workdir)
-    except (checkpoint.CheckpointError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     files = find_images(args.images)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax import predict
+
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
     """Per layer, the softmax attention (N, heads, L, L) for NHWC images in [-1, 1]."""
@@ -129,31 +131,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m vit_jax.visualize", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("image", help="an image file")
-    parser.add_argument("--model", help="model name (default: read from the checkpoint's shapes)")
-    parser.add_argument("--checkpoint", help=".npz (local path, gs://, https://)")
-    parser.add_argument("--workdir", help="a vit_jax.train run directory (its model.npz)")
-    parser.add_argument("--image_size", type=int, help="resolution (default: the checkpoint's)")
+    predict.add_model_arguments(parser)
     parser.add_argument("--out", default="attention.png", help="overlay PNG of the rollout map")
     parser.add_argument(
         "--heads_out", help="also write the last layer's per-head class-token attention"
     )
     args = parser.parse_args(argv)
 
-    import os
-
-    from vit_jax import checkpoint, predict
-
-    path = args.checkpoint or (os.path.join(args.workdir, "model.npz") if args.workdir else None)
-    if path is None:
-        parser.error("give --checkpoint FILE.npz or --workdir RUN_DIR")
+    model, params = predict.load_model_from_args(parser, args)
     try:
-        model, params = checkpoint.load_pretrained_model(
-            args.model, path, image_size=args.image_size
-        )
         size = predict.input_size(model, params)
         image = predict.load_image(args.image, size)
-    except (checkpoint.CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"error: could not read {args.image}: {e}", file=sys.stderr)
         sys.exit(2)
     grid = model.grid_size(size)
     weights = attention_weights(model, params, image[None])
