@@ -1,0 +1,31 @@
+"""The benchmark command: figures are present and consistent with each other (timings are not tested)."""
+
+import json
+
+import pytest
+
+from vit_jax import benchmark
+
+
+def test_infer_and_train_figures_are_consistent():
+    infer = benchmark.run("testing", image_size=32, batch=4, mode="infer", steps=2)
+    train = benchmark.run("testing", image_size=32, batch=4, mode="train", steps=2)
+    for r in (infer, train):
+        assert r["img_s"] == pytest.approx(4 / r["median_step_s"])
+        assert r["img_s_per_device"] == pytest.approx(r["img_s"] / r["devices"])
+        assert r["achieved_gflops"] == pytest.approx(r["gflops_per_image"] * r["img_s"])
+        assert r["percent_of_peak"] == pytest.approx(
+            100 * r["achieved_gflops"] / r["peak_matmul_gflops"]
+        )
+        assert r["compile_s"] > 0 and r["peak_matmul_gflops"] > 0
+    assert train["gflops_per_image"] == pytest.approx(3 * infer["gflops_per_image"])
+
+
+def test_cli_json_and_input_mode(capsys):
+    benchmark.main(
+        ["--model", "testing", "--image_size", "32", "--batch", "4", "--steps", "2", "--json"]
+    )
+    r = json.loads(capsys.readouterr().out)
+    assert r["model"] == "testing" and r["mode"] == "infer" and r["gflops_per_image"] > 0
+    benchmark.main(["--mode", "input", "--image_size", "64", "--batch", "8", "--steps", "2"])
+    assert "preprocessing:" in capsys.readouterr().out

@@ -1,0 +1,192 @@
+"""Throughput of a ViT on this machine, against the matmul peak measured in the same run.
+
+    python -m vit_jax.benchmark --model ViT-B_16 --image_size 224 --batch 8 --mode infer --dtype float32
+    python -m vit_jax.benchmark --model ViT-Ti_16 --batch 32 --mode train --json
+    python -m vit_jax.benchmark --mode input --image_size 384      # preprocessing img/s, CIFAR-shaped
+
+Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
+count of the forward pass; a training step counts 3x), achieved GFLOP/s, and that as a percentage of the
+peak matmul GFLOP/s of the same devices and dtype, measured first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """(seconds of the first call, which compiles; per-step seconds of the next `steps` calls)."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, times
+
+
+def matmul_peak_gflops(dtype: Any, size: int | None = None, steps: int = 10) -> float:
+    """Peak GFLOP/s of one device for a square matmul in `dtype` (median of `steps`), x devices."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    n = size or (2048 if device.platform == "cpu" else 8192)
+    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x, y: x @ y)
+    _, times = _time(lambda: f(a, a), steps)
+    return 2 * n**3 / statistics.median(times) / 1e9 * jax.device_count()
+
+
+def run(
+    model_name: str = "ViT-B_16",
+    image_size: int = 224,
+    batch: int = 8,
+    mode: str = "infer",
+    dtype: str = "float32",
+    steps: int = 10,
+    num_classes: int = 1000,
+) -> dict[str, Any]:
+    """Measures one configuration; returns the figures as a dict."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    result: dict[str, Any] = {
+        "model": model_name, "mode": mode, "dtype": dtype, "batch": batch, "image_size": image_size,
+        "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+    }  # fmt: skip
+    if mode == "input":
+        return {**result, **_input_throughput(image_size, batch, steps)}
+
+    from vit_jax import models, summary, train
+
+    model = models.get_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype))
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    data = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+    images = jax.device_put(
+        jax.random.uniform(
+            jax.random.key(0), (batch, image_size, image_size, 3), minval=-1, maxval=1
+        ),
+        data,
+    )
+    params = jax.jit(
+        lambda k: model.init(k, images[:1], train=False)["params"], out_shardings=replicated
+    )(jax.random.key(1))
+    gflops_image = summary.forward_gflops(model, image_size)
+
+    if mode == "infer":
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+        compile_s, times = _time(lambda: forward(params, images), steps)
+        flops_factor = 1
+    elif mode == "train":
+        config = train.default_config()
+        config.batch, config.accum_steps, config.warmup_steps = batch, 1, 0
+        config.optimizer, config.momentum_dtype = "sgd", "float32"
+        tx = train.make_optimizer(config)
+        step = train.make_train_step(model, tx, config, mesh)
+        state = jax.jit(
+            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
+            out_shardings=replicated,
+        )(params)
+        labels = jax.device_put(jnp.zeros((batch,), jnp.int32), data)
+        holder = {"state": state}
+
+        def one_step():
+            holder["state"], metrics = step(holder["state"], {"image": images, "label": labels})
+            return metrics["loss"]
+
+        compile_s, times = _time(one_step, steps)
+        flops_factor = 3  # forward + backward (about 2x forward)
+    else:
+        raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
+
+    median = statistics.median(times)
+    achieved = flops_factor * gflops_image * batch / median
+    peak = matmul_peak_gflops(jnp.dtype(dtype))
+    return {
+        **result,
+        "compile_s": compile_s,
+        "median_step_s": median,
+        "img_s": batch / median,
+        "img_s_per_device": batch / median / jax.device_count(),
+        "gflops_per_image": gflops_image * flops_factor,
+        "achieved_gflops": achieved,
+        "peak_matmul_gflops": peak,
+        "percent_of_peak": 100 * achieved / peak,
+    }
+
+
+def _input_throughput(image_size: int, batch: int, steps: int) -> dict[str, Any]:
+    """Training preprocessing (crop, resize, flip) of CIFAR-shaped uint8 images to `image_size`."""
+    from vit_jax import input_pipeline, train
+
+    tf = input_pipeline._tf()
+    config = train.default_config()
+    config.image_size = image_size
+    images = np.random.default_rng(0).integers(0, 255, (4096, 32, 32, 3), dtype=np.uint8)
+    ds = tf.data.Dataset.from_tensor_slices(images).repeat().enumerate()
+    ds = ds.map(
+        lambda i, im: input_pipeline.preprocess_train(im, i, config, encoded=False),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    it = ds.batch(batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    next(it)
+    n = max(steps, 20)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    seconds = time.perf_counter() - t0
+    return {"img_s": n * batch / seconds, "median_step_s": seconds / n}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.benchmark", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", default="ViT-B_16")
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--mode", choices=["infer", "train", "input"], default="infer")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after compile + warm-up")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    r = run(args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps)
+    if args.json:
+        print(json.dumps(r))
+        return
+    print(f"{r['model']} {r['mode']} {r['dtype']} batch {r['batch']} at {r['image_size']}px on "
+          f"{r['devices']} {r['platform']} device(s)")  # fmt: skip
+    if args.mode == "input":
+        print(f"preprocessing: {r['img_s']:.0f} img/s")
+        return
+    print(f"compile            {r['compile_s']:.2f} s")
+    print(f"median step        {1000 * r['median_step_s']:.1f} ms")
+    print(f"throughput         {r['img_s']:.1f} img/s ({r['img_s_per_device']:.1f} per device)")
+    print(
+        f"model GFLOPs/image {r['gflops_per_image']:.2f}"
+        + (" (3x forward)" if args.mode == "train" else "")
+    )
+    print(f"achieved           {r['achieved_gflops']:.1f} GFLOP/s")
+    print(f"matmul peak        {r['peak_matmul_gflops']:.1f} GFLOP/s ({r['dtype']}, same devices)")
+    print(f"of peak            {r['percent_of_peak']:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
