@@ -33,7 +33,9 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
@@ -60,33 +62,6 @@ class CheckpointError(ValueError):
 
 
 Params = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------- trees
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> Params:
-    """{'a/b/c': leaf} -> nested dict."""
-    tree: Params = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 # ----------------------------------------------------------------------------- reading
@@ -256,7 +231,7 @@ def load(path: str) -> Params:
     The tree has the published names whatever the file's layout (see the module docstring).
     """
     flat, _ = normalize(read_npz(path))
-    return unflatten(flat)
+    return unflatten_dict(flat, sep="/")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -267,7 +242,7 @@ def save(params: Mapping[str, Any], path: str) -> str:
 
     Accepts a nested dict (ours, or any layout `normalize` knows) of numpy or jax arrays. Returns path.
     """
-    flat, _ = normalize({k: np.asarray(v) for k, v in flatten(params).items()})
+    flat, _ = normalize({k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()})
     flat = {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -402,7 +377,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 
 def compare(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """Report lines for names missing (+), unexpected (-) or of another shape (!) vs `expected`."""
-    got, want = flatten(restored), flatten(expected)
+    got, want = flatten_dict(restored, sep="/"), flatten_dict(expected, sep="/")
     lines = [f"+ {k} {_shape(want[k])} (missing from the checkpoint)" for k in want if k not in got]
     lines += [f"- {k} {_shape(got[k])} (not in the model)" for k in got if k not in want]
     lines += [
@@ -461,7 +436,7 @@ def adapt(
             f"{source} does not fit the model ({len(report)} differences; + missing, - unexpected, "
             "! shape):\n  " + "\n  ".join(report[:60]) + ("\n  ..." if len(report) > 60 else "")
         )
-    return unflatten({k: np.asarray(v, dtype=np.float32) for k, v in flatten(restored).items()})
+    return jax.tree.map(lambda v: np.asarray(v, dtype=np.float32), restored)
 
 
 def load_pretrained(
@@ -575,7 +550,7 @@ def load_orbax_params(directory: str) -> Params:
     tree = ocp.PyTreeCheckpointer().restore(item)
     if "params" not in tree:
         raise CheckpointError(f"{item} holds no 'params' (keys: {sorted(tree)})")
-    return unflatten({k: np.asarray(v) for k, v in flatten(tree["params"]).items()})
+    return jax.tree.map(np.asarray, tree["params"])
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -584,7 +559,7 @@ def load_orbax_params(directory: str) -> Params:
 def inspect(path: str) -> str:
     """A printable report: layout, names and shapes, parameter count, matching models."""
     flat, layout = normalize(read_npz(path))
-    config = infer_config(unflatten(flat))
+    config = infer_config(unflatten_dict(flat, sep="/"))
     total = sum(int(np.prod(v.shape)) for v in flat.values())
     width = max(len(k) for k in flat) + 2
     lines = [f"{path}", f"layout: {layout}", f"{len(flat)} arrays, {total:,} parameters", ""]
