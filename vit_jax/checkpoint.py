@@ -260,18 +260,22 @@ def save(params: Mapping[str, Any], path: str) -> str:
 # ----------------------------------------------------------------------------- structure
 
 
+def square_grid(num_patches: int) -> tuple[int, int] | None:
+    """(g, g) when `num_patches` is a perfect square g*g, else None."""
+    g = math.isqrt(num_patches)
+    return (g, g) if g * g == num_patches else None
+
+
 def infer_config(params: Params) -> dict[str, Any]:
     """Reads the architecture off a published-layout tree: `VisionTransformer` kwargs + `grid_size`.
 
     `grid_size` is (g, g) for the stored position embedding, assumed square as in every published file.
     """
     t = params["Transformer"]
-    blocks = sorted(int(k.rsplit("_", 1)[1]) for k in t if k.startswith("encoderblock_"))
     block = t["encoderblock_0"]
     kh, kw, _, hidden = params["embedding"]["kernel"].shape
     classifier = "token" if "cls" in params else "gap"
     ntok = t["posembed_input"]["pos_embedding"].shape[1] - (classifier == "token")
-    g = math.isqrt(ntok)
     resnet_layers = None
     if "conv_root" in params:
         resnet_layers = tuple(
@@ -280,7 +284,7 @@ def infer_config(params: Params) -> dict[str, Any]:
     config = dict(
         patch_size=(kh, kw),
         hidden_size=hidden,
-        num_layers=len(blocks),
+        num_layers=sum(k.startswith("encoderblock_") for k in t),
         num_heads=block["MultiHeadDotProductAttention_1"]["query"]["kernel"].shape[1],
         mlp_dim=block["MlpBlock_3"]["Dense_0"]["kernel"].shape[1],
         classifier=classifier,
@@ -289,7 +293,7 @@ def infer_config(params: Params) -> dict[str, Any]:
         ),
         resnet_layers=resnet_layers,
         num_classes=params["head"]["kernel"].shape[-1] if "head" in params else None,
-        grid_size=(g, g) if g * g == ntok else None,
+        grid_size=square_grid(ntok),
     )
     return config
 
@@ -335,13 +339,12 @@ def resize_posemb(
     ntok = 1 if has_class_token else 0
     tok, grid = posemb[:, :ntok], posemb[0, ntok:]
     if old_grid_size is None:
-        g = math.isqrt(len(grid))
-        if g * g != len(grid):
+        old_grid_size = square_grid(len(grid))
+        if old_grid_size is None:
             raise CheckpointError(
                 f"position embedding with {len(grid)} patch entries is not a square grid; "
                 "pass old_grid_size=(gh, gw)"
             )
-        old_grid_size = (g, g)
     gh, gw = (int(s) for s in grid_size)
     oh, ow = old_grid_size
     grid = grid.reshape(oh, ow, -1)
@@ -354,12 +357,12 @@ def resize_posemb(
 
 def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool) -> np.ndarray:
     """The reference's call: resize to `num_tokens` entries (class token included) on a square grid."""
-    g = math.isqrt(num_tokens - (1 if has_class_token else 0))
-    if g * g != num_tokens - (1 if has_class_token else 0):
+    grid = square_grid(num_tokens - (1 if has_class_token else 0))
+    if grid is None:
         raise CheckpointError(
             f"num_tokens={num_tokens} does not make a square grid; use resize_posemb with (gh, gw)"
         )
-    return resize_posemb(posemb, (g, g), has_class_token)
+    return resize_posemb(posemb, grid, has_class_token)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -415,13 +418,11 @@ def adapt(
     want = target.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
     if posemb is not None and want is not None and _shape(posemb) != _shape(want):
         ntok = _shape(want)[1] - (1 if has_class_token else 0)
+        grid_size = grid_size or square_grid(ntok)
         if grid_size is None:
-            g = math.isqrt(ntok)
-            if g * g != ntok:
-                raise CheckpointError(
-                    f"the model has {ntok} patches, not a square grid: pass grid_size=(gh, gw)"
-                )
-            grid_size = (g, g)
+            raise CheckpointError(
+                f"the model has {ntok} patches, not a square grid: pass grid_size=(gh, gw)"
+            )
         if _shape(posemb)[-1] == _shape(want)[-1]:
             restored["Transformer"] = {
                 **t,
@@ -483,7 +484,7 @@ def load_pretrained_model(
     embeddings. `name=None` picks the variant from the file's shapes (or, when none matches, builds the
     architecture the shapes describe). `overrides` go to `get_model`.
     """
-    from vit_jax.models import VisionTransformer, get_model, param_shapes
+    from vit_jax.models import VisionTransformer, get_model, image_hw, param_shapes
 
     restored = load(path)
     config = infer_config(restored)
@@ -506,7 +507,7 @@ def load_pretrained_model(
         if config["grid_size"] is None:
             raise CheckpointError(f"{path}: non-square position embedding; pass image_size")
         image_size = tuple(g * s for g, s in zip(config["grid_size"], model.stride, strict=True))
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    hw = image_hw(image_size)
     target = param_shapes(model, hw)
     if num_classes is None and "head" in restored:
         target = {**target, "head": restored["head"]}

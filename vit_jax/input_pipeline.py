@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.models import image_hw
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # (train split, test split) where the default "train"/"test" is not what the reference uses.
@@ -207,7 +209,7 @@ def preprocess_train(image, index, config: Any, encoded: bool):
         use_image_if_no_bounding_boxes=True,
     )
     image = tf.slice(image, begin, size)
-    image = tf.image.resize(image, _size(config), method="bilinear", antialias=True)
+    image = tf.image.resize(image, image_hw(config.image_size), method="bilinear", antialias=True)
     if config.random_flip:
         image = tf.image.stateless_random_flip_left_right(image, seed=seed + 1)
     return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
@@ -216,13 +218,8 @@ def preprocess_train(image, index, config: Any, encoded: bool):
 def preprocess_eval(image, config: Any, encoded: bool):
     tf = _tf()
     image = _decode(image, encoded)
-    image = tf.image.resize(image, _size(config), method="bilinear", antialias=True)
+    image = tf.image.resize(image, image_hw(config.image_size), method="bilinear", antialias=True)
     return tf.clip_by_value(image / 127.5 - 1.0, -1.0, 1.0)
-
-
-def _size(config: Any) -> tuple[int, int]:
-    s = config.image_size
-    return (s, s) if isinstance(s, int) else tuple(s)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -28,6 +28,14 @@ Initializer = Callable[..., jax.Array]
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
 
 
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """(H, W) from an image size given as an int (square) or an (H, W) pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
 class AddPositionEmbs(nn.Module):
     """Adds a learnt position embedding `pos_embedding` of shape (1, L, D) to (N, L, D) inputs."""
 
@@ -227,7 +235,7 @@ class VisionTransformer(nn.Module):
 
     def grid_size(self, image_size: int | Sequence[int]) -> tuple[int, int]:
         """Patch grid (gh, gw) for an image size (an int means square); ValueError if not divisible."""
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        h, w = image_hw(image_size)
         sh, sw = self.stride
         if h % sh or w % sw:
             raise ValueError(
@@ -308,7 +316,7 @@ def get_model(name: str, num_classes: int | None = 1000, **overrides: Any) -> Vi
 
 def param_shapes(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> Any:
     """The parameter tree as `jax.ShapeDtypeStruct`s, computed without running the model."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    h, w = image_hw(image_size)
     images = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
     variables = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros(images.shape, images.dtype), train=False)

@@ -14,12 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models import VisionTransformer, get_model, param_shapes
+from vit_jax.models import VisionTransformer, get_model, image_hw, param_shapes
 from vit_jax.variants import VARIANTS
-
-
-def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
 def forward_gflops(
@@ -29,7 +25,7 @@ def forward_gflops(
 
     Counts every op XLA counts (a multiply-add is 2 FLOPs); matmuls and convolutions dominate.
     """
-    h, w = _hw(image_size)
+    h, w = image_hw(image_size)
     params = param_shapes(model, (h, w))
     images = jax.ShapeDtypeStruct((1, h, w, 3), dtype)
     lowered = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(params, images)
@@ -77,7 +73,7 @@ def _size(tree: Any) -> int:
 
 def summary(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> str:
     """A printable table of parameters per module, the total, and forward GFLOPs per image."""
-    h, w = _hw(image_size)
+    h, w = image_hw(image_size)
     params = param_shapes(model, (h, w))
     rows = param_table(params)
     width = max(len(r[0]) for r in rows) + 2

@@ -431,8 +431,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dtype=jnp.dtype(config.dtype),
         **overrides,
     )
-    size = config.image_size
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    hw = models.image_hw(config.image_size)
     grid = model.grid_size(hw)
     tx = make_optimizer(config)
 

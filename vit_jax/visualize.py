@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from vit_jax import predict
+from vit_jax.checkpoint import square_grid
 
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
@@ -47,11 +48,9 @@ def attention_rollout(weights: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _grid(num_patches: int, grid: tuple[int, int] | None) -> tuple[int, int]:
-    if grid is None:
-        g = int(np.sqrt(num_patches))
-        grid = (g, g)
-    if grid[0] * grid[1] != num_patches:
-        raise ValueError(f"{num_patches} patches do not make a {grid[0]}x{grid[1]} grid")
+    grid = grid or square_grid(num_patches)
+    if grid is None or grid[0] * grid[1] != num_patches:
+        raise ValueError(f"{num_patches} patches do not make a {grid or 'square'} grid; pass grid")
     return grid
 
 
