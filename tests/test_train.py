@@ -137,7 +137,7 @@ def test_loss_decreases_on_digits(tmp_path):
 
 def test_accumulation_equals_one_big_batch():
     model = models.get_model("testing", num_classes=3, dropout_rate=0.0, hidden_size=16, mlp_dim=16)
-    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = train.data_mesh()
     images = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3), minval=-1, maxval=1)
     labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
     params = model.init(jax.random.key(1), images[:1])["params"]
@@ -147,8 +147,7 @@ def test_accumulation_equals_one_big_batch():
         config = tiny_config(accum_steps=accum, batch=8, warmup_steps=0, base_lr=0.1)
         tx = train.make_optimizer(config)
         step = train.make_train_step(model, tx, config, mesh)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-        state = jax.tree.map(jnp.copy, state)
+        state = jax.tree.map(jnp.copy, train.initial_state(params, tx))
         new, metrics = step(state, {"image": images, "label": labels})
         return new["params"], float(metrics["loss"])
 

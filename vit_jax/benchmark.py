@@ -76,7 +76,7 @@ def run(
     from vit_jax import models, summary, train
 
     model = models.get_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype))
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = train.data_mesh()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     images = jax.device_put(
@@ -100,10 +100,7 @@ def run(
         config.optimizer, config.momentum_dtype = "sgd", "float32"
         tx = train.make_optimizer(config)
         step = train.make_train_step(model, tx, config, mesh)
-        state = jax.jit(
-            lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": tx.init(p)},
-            out_shardings=replicated,
-        )(params)
+        state = jax.jit(lambda p: train.initial_state(p, tx), out_shardings=replicated)(params)
         labels = jax.device_put(jnp.zeros((batch,), jnp.int32), data)
         holder = {"state": state}
 

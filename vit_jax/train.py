@@ -172,6 +172,23 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*parts)
 
 
+def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+    """A one-axis ('data',) mesh over `devices` (default: all), in Auto mode.
+
+    Auto axes let XLA propagate the batch sharding through the model (JAX >= 0.9 makes `make_mesh`
+    default to Explicit axes, which rejects mixing a replicated class token with sharded patches).
+    """
+    devices = devices or jax.devices()
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def initial_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
+    """The training state `make_train_step` updates: step 0, params, fresh optimizer state."""
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of (B, C) logits against (B,) integer labels."""
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -251,8 +268,7 @@ def evaluate(eval_step, params, batches: Iterator, sharding, num_classes: int) -
         device_batch = to_device(batch, sharding)
         pred, loss = eval_step(params, device_batch)
         pred, loss = _gather(pred), _gather(loss)
-        label = _gather(device_batch["label"])
-        mask = _gather(mask)
+        label, mask = _gather(batch["label"]), _gather(mask)
         preds.append(pred[mask])
         labels.append(label[mask])
         losses.append(loss[mask])
@@ -406,18 +422,15 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes (or trains from scratch) and evaluates; resumes from `workdir` if it has checkpoints.
 
-    Returns the final evaluation (accuracy, loss, per-class precision/recall/F1, confusion matrix) plus
-    `step`, `best_step`-free run facts. Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
+    Returns the final evaluation (accuracy, loss, per-class precision/recall/F1, confusion matrix,
+    number of examples) and `step`. Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
     events, curves.png, eval.json and (with `export_npz`) model.npz in the published layout.
     """
     import orbax.checkpoint as ocp
 
     devices = jax.devices()
     validate(config, len(devices))
-    # Auto axes: XLA propagates the batch sharding (JAX >= 0.9 defaults make_mesh to Explicit).
-    mesh = jax.make_mesh(
-        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
+    mesh = data_mesh(devices)
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     workdir = os.path.abspath(workdir)
@@ -438,10 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def init_params(key):
         return model.init(key, jnp.zeros((1, *hw, 3), jnp.float32), train=False)["params"]
 
-    def init_state(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    abstract = jax.eval_shape(lambda: init_state(init_params(jax.random.key(0))))
+    abstract = jax.eval_shape(lambda: initial_state(init_params(jax.random.key(0)), tx))
     shardings = jax.tree.map(lambda _: replicated, abstract)
     # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
     # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
@@ -482,7 +492,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ) from None
             params = jax.device_put(loaded, shardings["params"])
             log(f"initialised from {path}")
-        state = jax.jit(init_state, out_shardings=shardings)(params)
+        state = jax.jit(lambda p: initial_state(p, tx), out_shardings=shardings)(params)
         start = 0
 
     train_step = make_train_step(model, tx, config, mesh)
@@ -524,7 +534,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dynamic_ncols=True,
     )
     pending: list[tuple[int, dict[str, jax.Array]]] = []
-    last_good = start
     tick, tick_step = time.perf_counter(), start
     eval_metrics: dict[str, Any] = {}
 
@@ -540,10 +549,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     f"{'training loss' if k == 'loss' else 'gradient norm'} became {v}"
                     for k, v in bad.items()
                 )
+                last_good = manager.latest_step()
                 kept = (
                     f"The last good checkpoint is step {last_good} in {workdir}/checkpoints (kept as "
                     "it was)."
-                    if manager.latest_step() is not None
+                    if last_good is not None
                     else "No checkpoint had been written yet."
                 )
                 raise TrainingError(
@@ -585,7 +595,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 if do_ckpt:
                     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-                    last_good = step
     finally:
         bar.close()
         manager.wait_until_finished()
