@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,17 +167,43 @@ def test_dropout_only_when_training():
     )
 
 
-def test_fused_and_explicit_attention_agree_and_weights_are_sown():
-    model = models.get_model("testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=4)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_fused_and_explicit_attention_agree_and_weights_are_sown(monkeypatch, dtype, tol):
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=4, dtype=dtype
+    )
     images, params = _init(model)
+    assert not models.use_fused_attention()  # XLA:CPU: the einsum path is the default here
+    explicit = model.apply({"params": params}, images)
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
     fused = model.apply({"params": params}, images)
-    explicit, state = model.apply({"params": params}, images, mutable=["intermediates"])
-    np.testing.assert_allclose(explicit, fused, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(explicit, fused, rtol=tol, atol=tol)
+    sown, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    np.testing.assert_array_equal(sown, explicit)  # asking for the weights takes the einsum path
     weights = state["intermediates"]["Transformer"]["encoderblock_1"][
         "MultiHeadDotProductAttention_1"
     ]["attention_weights"][0]
     assert weights.shape == (2, 4, 5, 5)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    x = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
+    conv = nn.Conv(5, kernel_size=(4, 2), strides=(4, 2), padding="VALID")
+    variables = conv.init(jax.random.key(1), x)
+    variables = jax.tree.map(lambda p: p + 0.1, variables)  # a non-zero bias too
+    ours = models.PatchEmbedding(5, (4, 2)).apply(variables, x)
+    assert ours.shape == (2, 3, 4, 5) and ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_matmuls_accumulate_in_float32():
+    lhs = jnp.full((1, 4096), 1.0 + 2.0**-7, jnp.bfloat16)  # exactly representable in bfloat16
+    rhs = jnp.ones((4096, 1), jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    out = models.dot_general(jnp.bfloat16)(lhs, rhs, dims)
+    assert out.dtype == jnp.float32 and float(out[0, 0]) == 4096 * (1.0 + 2.0**-7)
+    assert models.dot_general(jnp.float32) is jax.lax.dot_general
 
 
 def test_remat_changes_nothing():

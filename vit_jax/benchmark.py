@@ -39,14 +39,21 @@ def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, li
 
 
 def matmul_peak_gflops(dtype: Any, size: int | None = None, steps: int = 10) -> float:
-    """Peak GFLOP/s of one device for a square matmul in `dtype` (median of `steps`), x devices."""
+    """Peak GFLOP/s of one device for a square matmul in `dtype` (median of `steps`), x devices.
+
+    The product accumulates in float32 as the model's Dense layers do (`models.dot_general`); for
+    bfloat16 on XLA:CPU that is also the only form that reaches the bfloat16 (AMX / AVX512-BF16) kernels.
+    """
     import jax
     import jax.numpy as jnp
+
+    from vit_jax.models import dot_general
 
     device = jax.devices()[0]
     n = size or (2048 if device.platform == "cpu" else 8192)
     a = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda x, y: x @ y)
+    dot = dot_general(dtype)
+    f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
     _, times = _time(lambda: f(a, a), steps)
     return 2 * n**3 / statistics.median(times) / 1e9 * jax.device_count()
 
@@ -91,6 +98,8 @@ def run(
     gflops_image = summary.forward_gflops(model, image_size)
 
     if mode == "infer":
+        # Inference keeps the weights in the compute dtype, as a deployment would (no per-call casts).
+        params = jax.tree.map(lambda p: p.astype(model.dtype), params)
         forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
         compile_s, times = _time(lambda: forward(params, images), steps)
         flops_factor = 1
