@@ -101,17 +101,9 @@ def input_size(model: Any, params: Any) -> tuple[int, int]:
     return gh * model.stride[0], gw * model.stride[1]
 
 
-def predict(
-    model: Any, params: Any, files: list[str], labels: list[str], top_k: int = 5, batch: int = 32
-) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """[{'file', 'predictions': [{'label', 'index', 'probability'}...]}], [(file, error)].
-
-    Images are resized to the resolution of the params' position embeddings.
-    """
+def _probabilities_fn(model: Any) -> Any:
     import jax
     import jax.numpy as jnp
-
-    h, w = input_size(model, params)
 
     # Params are an argument, not a closure: closed-over arrays become constants of the compiled
     # program (hundreds of MB for ViT-B, and XLA:CPU's constant folding then gave NaN softmaxes).
@@ -121,22 +113,40 @@ def predict(
             model.apply({"params": params}, images, train=False).astype(jnp.float32)
         )
 
+    return probabilities
+
+
+def _top(p: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
+    return [
+        {"label": labels[i], "index": int(i), "probability": float(p[i])}
+        for i in np.argsort(-p)[:k]
+    ]
+
+
+def top_k(
+    model: Any, params: Any, images: np.ndarray, labels: list[str], k: int = 5
+) -> list[list[dict[str, Any]]]:
+    """Per image of (N, H, W, 3) in [-1, 1]: the k most probable [{'label', 'index', 'probability'}]."""
+    probs = np.asarray(_probabilities_fn(model)(params, images))
+    return [_top(p, labels, k) for p in probs]
+
+
+def predict(
+    model: Any, params: Any, files: list[str], labels: list[str], top_k: int = 5, batch: int = 32
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """[{'file', 'predictions': [{'label', 'index', 'probability'}...]}], [(file, error)].
+
+    Images are resized to the resolution of the params' position embeddings.
+    """
+    h, w = input_size(model, params)
+    probabilities = _probabilities_fn(model)
     results, errors = [], []
     for names, images in _batches(files, (h, w), batch, errors):
         n = len(names)
         padded = np.pad(images, [(0, batch - n), (0, 0), (0, 0), (0, 0)])  # one shape, one compile
         probs = np.asarray(probabilities(params, padded))[:n]
         for name, p in zip(names, probs, strict=True):
-            top = np.argsort(-p)[:top_k]
-            results.append(
-                {
-                    "file": name,
-                    "predictions": [
-                        {"label": labels[i], "index": int(i), "probability": float(p[i])}
-                        for i in top
-                    ],
-                }
-            )
+            results.append({"file": name, "predictions": _top(p, labels, top_k)})
     return results, errors
 
 

@@ -2,6 +2,7 @@
 
     python -m vit_jax.visualize --model ViT-B_16 --checkpoint ViT-B_16.npz cat.jpg --out map.png
     python -m vit_jax.visualize --workdir runs/my-run image.png --out map.png --heads_out heads.png
+    python -m vit_jax.visualize figures --model ViT-B_16 --checkpoint ViT-B_16.npz --out figs/
 
 Attention weights are collected only when asked, by making the model's `intermediates` collection
 mutable for one forward pass; the ordinary forward pass uses the fused attention kernel and stores nothing.
@@ -125,9 +126,109 @@ def heads_figure(image: np.ndarray, per_head: np.ndarray, path: str) -> str:
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def embedded_images(num: int, size: tuple[int, int]) -> np.ndarray:
+    """`num` test images of scikit-learn's embedded digits, RGB, resized to `size`, in [-1, 1]."""
+    from PIL import Image
+
+    from vit_jax.input_pipeline import _digits_split
+
+    images, _ = _digits_split("test")
+    out = [
+        np.asarray(
+            Image.fromarray(im[..., 0]).convert("RGB").resize((size[1], size[0]), Image.BILINEAR),
+            np.float32,
+        )
+        for im in images[:num]
+    ]
+    return np.stack(out) / 127.5 - 1.0
+
+
+def figures_main(argv: Sequence[str]) -> None:
+    """`python -m vit_jax.visualize figures ...`: the paper's figures for a checkpoint."""
+    from vit_jax import figures
+
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.visualize", description=__doc__.split("\n\n")[0]
+        prog="python -m vit_jax.visualize figures",
+        description="Writes the paper's Figure 7 (embedding filters' principal components, position "
+        "embedding similarity, mean attention distance) for a checkpoint, plus a patch grid and a "
+        "top-k bar chart for one image.",
+    )
+    predict.add_model_arguments(parser)
+    parser.add_argument(
+        "--out", default="figures", help="directory for the PNGs (default figures/)"
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        help="images or directories averaged for the attention distances "
+        "(default: the embedded digits test images)",
+    )
+    parser.add_argument(
+        "--num_images", type=int, default=32, help="at most this many images (default 32)"
+    )
+    parser.add_argument(
+        "--image", help="the image for the patch grid and the top-k chart (default: the first)"
+    )
+    parser.add_argument("--labels", help="as for vit_jax.predict (default: ImageNet / the run's)")
+    parser.add_argument("--top_k", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.num_images < 1:
+        parser.error("--num_images must be at least 1")
+
+    model, params = predict.load_model_from_args(parser, args)
+    size = predict.input_size(model, params)
+    if args.images:
+        files = predict.find_images(args.images)[: args.num_images]
+        loaded, failed = [], []
+        for f in files:
+            try:
+                loaded.append(predict.load_image(f, size))
+            except Exception as e:  # PIL raises many types for bad files; report and go on
+                failed.append(f"{f} ({type(e).__name__}: {e})")
+        for f in failed:
+            print(f"could not read {f}", file=sys.stderr)
+        if not loaded:
+            print(f"error: no readable images in {' '.join(args.images)}", file=sys.stderr)
+            sys.exit(2)
+        images = np.stack(loaded)
+    else:
+        images = embedded_images(args.num_images, size)
+
+    image, predictions = images[0], None
+    if args.image:
+        try:
+            image = predict.load_image(args.image, size)
+        except (OSError, ValueError) as e:
+            print(f"error: could not read {args.image}: {e}", file=sys.stderr)
+            sys.exit(2)
+    if model.num_classes:
+        try:
+            labels = predict.read_labels(args.labels, model.num_classes, args.workdir)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        predictions = predict.top_k(model, params, image[None], labels, args.top_k)[0]
+
+    result = figures.paper_figures(model, params, args.out, images, image, predictions)
+    dist = result["arrays"]["mean_attention_distance"]
+    print(
+        f"mean attention distance over {len(images)} images: first layer "
+        f"{dist[0].min():.1f}-{dist[0].max():.1f} px, last layer {dist[-1].min():.1f}-"
+        f"{dist[-1].max():.1f} px"
+    )
+    for path in result["files"].values():
+        print(f"wrote {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["figures"]:
+        figures_main(argv[1:])
+        return
+    parser = argparse.ArgumentParser(
+        prog="python -m vit_jax.visualize",
+        description=__doc__.split("\n\n")[0]
+        + " (`python -m vit_jax.visualize figures --help`: the paper's figures.)",
     )
     parser.add_argument("image", help="an image file")
     predict.add_model_arguments(parser)
