@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit_jax import checkpoint, input_pipeline, models, train
+from vit_jax import checkpoint, input_pipeline, models, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -137,7 +137,7 @@ def test_loss_decreases_on_digits(tmp_path):
 
 def test_accumulation_equals_one_big_batch():
     model = models.get_model("testing", num_classes=3, dropout_rate=0.0, hidden_size=16, mlp_dim=16)
-    mesh = train.data_mesh()
+    mesh = parallel.data_mesh()
     images = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3), minval=-1, maxval=1)
     labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
     params = model.init(jax.random.key(1), images[:1])["params"]
@@ -356,3 +356,94 @@ def test_run_directory_resumes_the_newest_unfinished_run(tmp_path):
     assert train.run_directory(str(tmp_path), None, config) == str(
         tmp_path / "ViT-B_16-digits-20260102-000000"
     )
+
+
+def scripted_evaluation(monkeypatch, key, values):
+    """Makes each evaluation report the next of `values` as `key` (the real evaluation still runs)."""
+    real, values = train.evaluate, list(values)
+
+    def scripted(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if values:
+            result[key] = values.pop(0)
+        return result
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    return values
+
+
+@pytest.mark.parametrize(
+    "metric,key,values,best_step",
+    [
+        ("accuracy", "accuracy", [0.2, 0.6, 0.4, 0.5, 0.3], 4),
+        ("loss", "test_loss", [1.0, 0.5, 0.7, 0.4, 0.9], 8),
+    ],
+)
+def test_keep_best_keeps_the_best_evaluated_step(
+    tmp_path, monkeypatch, metric, key, values, best_step
+):
+    config = tiny_config(total_steps=10, eval_every=2, checkpoint_every=2, keep_checkpoints=10)
+    config.keep_best = metric
+    scripted_evaluation(monkeypatch, key, values)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    expected = {"step": best_step, "metric": metric, "value": values[best_step // 2 - 1]}
+    assert result["best"] == expected and result["step"] == 10 and not result["stopped_early"]
+    with open(tmp_path / "eval.json") as f:
+        assert json.load(f)["best"] == expected
+    assert os.listdir(tmp_path / "best") == [str(best_step)]
+    best = checkpoint.load(str(tmp_path / "best.npz"))
+    at_best = checkpoint.load_orbax_params(str(tmp_path / "checkpoints" / str(best_step)))
+    jax.tree.map(np.testing.assert_array_equal, best, at_best)
+    jax.tree.map(
+        np.testing.assert_array_equal, best, checkpoint.load_orbax_params(str(tmp_path / "best"))
+    )
+    last = checkpoint.load(str(tmp_path / "model.npz"))
+    assert not np.array_equal(last["head"]["kernel"], best["head"]["kernel"])
+
+
+def test_early_stopping_stops_at_the_expected_evaluation_and_stays_stopped(tmp_path, monkeypatch):
+    config = tiny_config(total_steps=20, eval_every=2, checkpoint_every=5, keep_checkpoints=10)
+    config.early_stop_patience = 2
+    # Evaluations at steps 2, 4, 6, 8: best at 4, then two without improvement -> stop at 8.
+    scripted_evaluation(monkeypatch, "accuracy", [0.2, 0.6, 0.5, 0.55, 0.9, 0.95])
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 8 and result["stopped_early"]
+    assert "best" not in result  # kept only with --keep_best
+    assert rows(tmp_path)[-1]["step"] == 8
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [5, 8]  # saved first
+    # Rerunning the stopped run trains nothing more.
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again["step"] == 8 and again["stopped_early"]
+    assert rows(tmp_path)[-1]["step"] == 8
+
+
+def test_early_stopping_count_survives_a_resume(tmp_path, monkeypatch):
+    config = tiny_config(total_steps=20, eval_every=2, checkpoint_every=4, keep_checkpoints=10)
+    config.early_stop_patience, config.keep_best = 2, "accuracy"
+    real = input_pipeline.train_batches
+
+    def interrupted(*args, **kwargs):
+        it = real(*args, **kwargs)
+        for _ in range(5):
+            yield next(it)
+        raise KeyboardInterrupt("simulated kill after 5 batches")
+
+    # Evaluations at 2 and 4 (best at 4, checkpointed with the count), killed at step 6.
+    scripted_evaluation(monkeypatch, "accuracy", [0.3, 0.6])
+    monkeypatch.setattr(input_pipeline, "train_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.setattr(input_pipeline, "train_batches", real)
+    # Resumed from step 4: evaluations at 6 and 8 do not improve -> stop at 8, best still 4.
+    scripted_evaluation(monkeypatch, "accuracy", [0.5, 0.4])
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 8 and result["stopped_early"]
+    assert result["best"] == {"step": 4, "metric": "accuracy", "value": 0.6}
+    assert os.listdir(tmp_path / "best") == ["4"]
+
+
+def test_keep_best_and_patience_flags_are_checked():
+    with pytest.raises(train.TrainingError, match="keep_best='acc': use accuracy or loss"):
+        train.validate(tiny_config(keep_best="acc"), 1)
+    with pytest.raises(train.TrainingError, match="early_stop_patience=-1 must be >= 0"):
+        train.validate(tiny_config(early_stop_patience=-1), 1)

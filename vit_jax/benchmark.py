@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.commands import prog
+
 
 def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
     """(seconds of the first call, which compiles; per-step seconds of the next `steps` calls)."""
@@ -66,8 +68,14 @@ def run(
     dtype: str = "float32",
     steps: int = 10,
     num_classes: int = 1000,
+    remat: bool = False,
+    shard_params: bool = False,
 ) -> dict[str, Any]:
-    """Measures one configuration; returns the figures as a dict."""
+    """Measures one configuration; returns the figures as a dict.
+
+    Training also reports memory: XLA's buffer sizes for the compiled step (arguments, i.e. the state
+    and batch, and temporaries, i.e. activations and gradients) and the process's peak RSS.
+    """
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
@@ -76,14 +84,17 @@ def run(
     result: dict[str, Any] = {
         "model": model_name, "mode": mode, "dtype": dtype, "batch": batch, "image_size": image_size,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+        "remat": remat, "shard_params": shard_params,
     }  # fmt: skip
     if mode == "input":
         return {**result, **_input_throughput(image_size, batch, steps)}
 
-    from vit_jax import models, summary, train
+    from vit_jax import models, parallel, summary, train
 
-    model = models.get_model(model_name, num_classes=num_classes, dtype=jnp.dtype(dtype))
-    mesh = train.data_mesh()
+    model = models.get_model(
+        model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), remat=remat
+    )
+    mesh = parallel.data_mesh()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
     images = jax.device_put(
@@ -108,10 +119,17 @@ def run(
         config.batch, config.accum_steps, config.warmup_steps = batch, 1, 0
         config.optimizer, config.momentum_dtype = "sgd", "float32"
         tx = train.make_optimizer(config)
-        step = train.make_train_step(model, tx, config, mesh)
-        state = jax.jit(lambda p: train.initial_state(p, tx), out_shardings=replicated)(params)
+        abstract = jax.eval_shape(lambda p: train.initial_state(p, tx), params)
+        shardings = parallel.state_shardings(abstract, mesh, shard_params)
+        step = train.make_train_step(model, tx, config, mesh, shardings)
+        state = jax.jit(lambda p: train.initial_state(p, tx), out_shardings=shardings)(params)
+        del params
         labels = jax.device_put(jnp.zeros((batch,), jnp.int32), data)
         holder = {"state": state}
+        memory = step.lower(state, {"image": images, "label": labels}).compile().memory_analysis()
+        if memory is not None:
+            result["xla_argument_gib"] = memory.argument_size_in_bytes / 2**30
+            result["xla_temp_gib"] = memory.temp_size_in_bytes / 2**30
 
         def one_step():
             holder["state"], metrics = step(holder["state"], {"image": images, "label": labels})
@@ -122,7 +140,10 @@ def run(
     else:
         raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
 
+    import resource
+
     median = statistics.median(times)
+    result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     achieved = flops_factor * gflops_image * batch / median
     peak = matmul_peak_gflops(jnp.dtype(dtype))
     return {
@@ -163,7 +184,7 @@ def _input_throughput(image_size: int, batch: int, steps: int) -> dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.benchmark", description=__doc__.split("\n\n")[0]
+        prog=prog("vit_jax.benchmark"), description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", default="ViT-B_16")
     parser.add_argument("--image_size", type=int, default=224)
@@ -171,9 +192,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mode", choices=["infer", "train", "input"], default="infer")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after compile + warm-up")
+    parser.add_argument(
+        "--remat", action="store_true", help="train: recompute encoder blocks in the backward pass"
+    )
+    parser.add_argument(
+        "--shard_params",
+        action="store_true",
+        help="train: FSDP, parameters and optimizer state split over the devices",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    r = run(args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps)
+    r = run(
+        args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
+        remat=args.remat, shard_params=args.shard_params,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(r))
         return
@@ -192,6 +224,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"achieved           {r['achieved_gflops']:.1f} GFLOP/s")
     print(f"matmul peak        {r['peak_matmul_gflops']:.1f} GFLOP/s ({r['dtype']}, same devices)")
     print(f"of peak            {r['percent_of_peak']:.1f} %")
+    if "xla_temp_gib" in r:
+        print(
+            f"XLA step buffers   {r['xla_argument_gib']:.2f} GiB state+batch, "
+            f"{r['xla_temp_gib']:.2f} GiB temporaries"
+            + (" (remat)" if r["remat"] else "")
+            + (" (FSDP)" if r["shard_params"] else "")
+        )
+    print(f"peak host memory   {r['peak_rss_gib']:.2f} GiB (process max RSS)")
 
 
 if __name__ == "__main__":

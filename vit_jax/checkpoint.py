@@ -37,6 +37,8 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from vit_jax.commands import prog
+
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
     "imagenet21k/{MODEL}.npz (ImageNet-21k, e.g. ViT-B_16.npz), "
@@ -535,8 +537,9 @@ def _describe(config: Mapping[str, Any]) -> str:
 
 
 def load_orbax_params(directory: str) -> Params:
-    """The `params` subtree of an orbax checkpoint written by `vit_jax.train` (a step directory or a
-    run's checkpoint directory, latest step taken), as numpy arrays."""
+    """The `params` subtree of an orbax checkpoint written by `vit_jax.train` (a step directory, a
+    run's `checkpoints/` or `best/` directory with the latest step taken, or the run directory), as
+    numpy arrays."""
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
@@ -546,6 +549,10 @@ def load_orbax_params(directory: str) -> Params:
     if steps:
         directory = os.path.join(directory, max(steps, key=int))
     item = os.path.join(directory, "state")
+    if os.path.isdir(os.path.join(directory, "params")):  # best/<step>: the params alone
+        return jax.tree.map(
+            np.asarray, ocp.PyTreeCheckpointer().restore(os.path.join(directory, "params"))
+        )
     if not os.path.isdir(item):
         raise CheckpointError(f"{directory} is not an orbax checkpoint written by vit_jax.train")
     tree = ocp.PyTreeCheckpointer().restore(item)
@@ -585,7 +592,7 @@ def convert(src: str, dst: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.checkpoint", description="Inspect and convert ViT checkpoints."
+        prog=prog("vit_jax.checkpoint"), description="Inspect and convert ViT checkpoints."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="names, shapes, detected layout, matching model, count")

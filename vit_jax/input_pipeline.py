@@ -237,12 +237,20 @@ def train_batches(
 
     `start_step` skips the examples of the first `start_step` batches (without decoding them), so a
     resumed run sees exactly the batches an uninterrupted one would.
+
+    With several processes, every process orders the (undecoded) examples the same way and keeps only
+    its rows of each global batch of `local_batch * process_count`: process i decodes and augments rows
+    [i * local_batch, (i + 1) * local_batch). The global batch, and so every number of the run, is the
+    same for any number of processes.
     """
     tf = _tf()
     ds, encoded = _raw_dataset(config, info, "train", train=True)
-    ds = ds.shard(process_count, process_index)
     ds = ds.shuffle(config.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.enumerate().skip(start_step * local_batch)
+    ds = ds.enumerate()
+    if process_count > 1:
+        global_batch = local_batch * process_count
+        ds = ds.filter(lambda i, d: (i % global_batch) // local_batch == process_index)
+    ds = ds.skip(start_step * local_batch)
     ds = ds.map(
         lambda i, d: {
             "image": preprocess_train(d["image"], i, config, encoded),
@@ -266,20 +274,34 @@ def eval_batches(
 
     Yields {'image', 'label', 'mask'}: `mask` is 1 for real examples and 0 for the padding of the last
     batch, so metrics count each example once (the reference drops the last partial batch).
+
+    With several processes, every process walks the same global batches of `local_batch *
+    process_count` examples and decodes only its rows of each, so all processes yield the same number
+    of batches (the collective evaluation step needs that) and the global batches are those of a
+    single process.
     """
     tf = _tf()
     ds, encoded = _raw_dataset(config, info, "test", train=False)
-    ds = ds.shard(process_count, process_index)
-    ds = ds.map(
-        lambda d: {"image": preprocess_eval(d["image"], config, encoded), "label": d["label"]},
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-    ds = ds.batch(local_batch, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+    global_batch = local_batch * process_count
+    h, w = image_hw(config.image_size)
+    lo = process_index * local_batch
+
+    def prepare(i, d):
+        mine = tf.logical_and(i % global_batch >= lo, i % global_batch < lo + local_batch)
+        image = tf.cond(
+            mine,
+            lambda: preprocess_eval(d["image"], config, encoded),
+            lambda: tf.zeros([h, w, 3], tf.float32),
+        )
+        return {"image": image, "label": d["label"]}
+
+    ds = ds.enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(global_batch, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
     for batch in ds.as_numpy_iterator():
-        n = len(batch["label"])
+        n = max(0, min(local_batch, len(batch["label"]) - lo))
         pad = local_batch - n
         yield {
-            "image": np.pad(batch["image"], [(0, pad), (0, 0), (0, 0), (0, 0)]),
-            "label": np.pad(batch["label"], [(0, pad)]),
+            "image": np.pad(batch["image"][lo : lo + n], [(0, pad), (0, 0), (0, 0), (0, 0)]),
+            "label": np.pad(batch["label"][lo : lo + n], [(0, pad)]),
             "mask": np.pad(np.ones(n, np.float32), [(0, pad)]),
         }

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.commands import prog
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -176,7 +178,7 @@ def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.predict", description=__doc__.split("\n\n")[0]
+        prog=prog("vit_jax.predict"), description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("images", nargs="+", help="image files and/or directories")
     add_model_arguments(parser)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.commands import prog
 from vit_jax.models import VisionTransformer, get_model, image_hw, param_shapes
 from vit_jax.variants import VARIANTS
 
@@ -95,7 +96,9 @@ def summary(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=prog("vit_jax.summary"), description=__doc__.strip().splitlines()[0]
+    )
     parser.add_argument(
         "--model",
         default="ViT-B_16",

@@ -29,7 +29,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vit_jax import checkpoint, input_pipeline, models
+from vit_jax import checkpoint, input_pipeline, models, parallel
+from vit_jax.parallel import data_mesh, to_device
 
 
 class TrainingError(RuntimeError):
@@ -70,11 +71,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.momentum_dtype = "bfloat16"  # SGD momentum / AdamW first moment: 'bfloat16' or 'float32'
     c.weight_decay = 0.0
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    c.remat = False  # recompute each encoder block in the backward pass: less memory, same numbers
+    c.shard_params = False  # FSDP: split params and optimizer state over the devices, same numbers
     c.seed = 0
     c.log_every = 50
     c.eval_every = 1000
     c.checkpoint_every = 1000
     c.keep_checkpoints = 2
+    c.keep_best = ""  # 'accuracy' or 'loss': also keep (and export) the best evaluated checkpoint
+    c.early_stop_patience = 0  # stop after N evaluations without improvement; 0 = never
     c.export_npz = True  # write {workdir}/model.npz (published layout) at the end
     c.progress = True
     return c
@@ -130,6 +135,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
         ),
         (config.total_steps > 0 and config.warmup_steps >= 0, "total_steps must be > 0"),
+        (
+            config.keep_best in ("", "accuracy", "loss"),
+            f"keep_best={config.keep_best!r}: use accuracy or loss",
+        ),
+        (
+            config.early_stop_patience >= 0,
+            f"early_stop_patience={config.early_stop_patience} must be >= 0",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -172,18 +185,6 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.chain(*parts)
 
 
-def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
-    """A one-axis ('data',) mesh over `devices` (default: all), in Auto mode.
-
-    Auto axes let XLA propagate the batch sharding through the model (JAX >= 0.9 makes `make_mesh`
-    default to Explicit axes, which rejects mixing a replicated class token with sharded patches).
-    """
-    devices = devices or jax.devices()
-    return jax.make_mesh(
-        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
-
-
 def initial_state(params: Any, tx: optax.GradientTransformation) -> dict[str, Any]:
     """The training state `make_train_step` updates: step 0, params, fresh optimizer state."""
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
@@ -196,12 +197,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     ).mean()
 
 
-def make_train_step(model, tx, config, mesh):
+def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
     """The pure update `(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     With accum_steps=k the batch is split into k interleaved micro-batches (rows i, i+k, ...), so each
     device's shard holds its part of every micro-batch; gradients are averaged over them. Dropout keys
     are `fold_in(key(seed), step)` (and the micro-batch index): they do not depend on the device count.
+    `state_sharding` (a tree like the state) pins where the updated state lives, e.g. FSDP shards.
     """
     accum = config.accum_steps
     base_key = jax.random.key(config.seed)
@@ -241,7 +243,14 @@ def make_train_step(model, tx, config, mesh):
         }
         return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    if state_sharding is None:
+        return jax.jit(step_fn, donate_argnums=(0,))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(
+        step_fn,
+        donate_argnums=(0,),
+        out_shardings=(state_sharding, {"loss": replicated, "grad_norm": replicated}),
+    )
 
 
 def make_eval_step(model):
@@ -318,11 +327,6 @@ def format_report(metrics: dict[str, Any], class_names: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- plumbing
-
-
-def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """This process's rows of a global batch -> global arrays sharded along the batch axis."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
 def prefetch(iterator: Iterator, sharding: NamedSharding, size: int = 2) -> Iterator:
@@ -410,6 +414,46 @@ class MetricWriter:
             self.tb.close()
 
 
+class Progress:
+    """The best evaluation so far and the evaluations since, for --keep_best / --early_stop_patience.
+
+    Saved inside every orbax checkpoint (so a resumed run, on every process, continues the count).
+    The watched metric is `keep_best` ('accuracy', higher is better, or 'loss', lower), else accuracy.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, saved: dict[str, Any] | None = None):
+        self.metric = config.keep_best or "accuracy"
+        self.patience = config.early_stop_patience
+        saved = saved or {}
+        self.best_step: int | None = saved.get("best_step")
+        self.best_value: float | None = saved.get("best_value")
+        self.evals_since_best: int = saved.get("evals_since_best", 0)
+
+    def update(self, step: int, metrics: dict[str, Any]) -> bool:
+        """Records an evaluation; True if it is the best so far."""
+        value = float(metrics["accuracy" if self.metric == "accuracy" else "test_loss"])
+        better = self.best_value is None or (
+            value > self.best_value if self.metric == "accuracy" else value < self.best_value
+        )
+        if better:
+            self.best_step, self.best_value, self.evals_since_best = step, value, 0
+        else:
+            self.evals_since_best += 1
+        return better
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.evals_since_best >= self.patience
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "best_step": self.best_step,
+            "best_value": self.best_value,
+            "evals_since_best": self.evals_since_best,
+        }
+
+
 def pretrained_path(config: ml_collections.ConfigDict) -> str:
     if config.pretrained:
         return config.pretrained
@@ -423,15 +467,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Fine-tunes (or trains from scratch) and evaluates; resumes from `workdir` if it has checkpoints.
 
     Returns the final evaluation (accuracy, loss, per-class precision/recall/F1, confusion matrix,
-    number of examples) and `step`. Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
-    events, curves.png, eval.json and (with `export_npz`) model.npz in the published layout.
+    number of examples), `step` (the last one trained), `stopped_early` and, with `keep_best`, `best`
+    ({'step', 'metric', 'value'}). Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
+    events, curves.png, eval.json and (with `export_npz`) model.npz in the published layout; with
+    `keep_best` also best/ (the best checkpoint's params) and best.npz.
     """
     import orbax.checkpoint as ocp
 
     devices = jax.devices()
     validate(config, len(devices))
     mesh = data_mesh(devices)
-    replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -442,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.model,
         num_classes=info.num_classes,
         dtype=jnp.dtype(config.dtype),
-        **overrides,
+        **{"remat": config.remat, **overrides},
     )
     hw = models.image_hw(config.image_size)
     grid = model.grid_size(hw)
@@ -452,7 +497,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return model.init(key, jnp.zeros((1, *hw, 3), jnp.float32), train=False)["params"]
 
     abstract = jax.eval_shape(lambda: initial_state(init_params(jax.random.key(0)), tx))
-    shardings = jax.tree.map(lambda _: replicated, abstract)
+    shardings = parallel.state_shardings(abstract, mesh, config.shard_params)
     # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
     # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
     options = ocp.CheckpointManagerOptions(
@@ -462,17 +507,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         enable_async_checkpointing=False,
     )
     manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
+    best_manager = (
+        ocp.CheckpointManager(
+            os.path.join(workdir, "best"),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=1, create=True, enable_async_checkpointing=False
+            ),
+        )
+        if config.keep_best
+        else None
+    )
     start = manager.latest_step()
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    progress = Progress(config)
 
     if start is not None:
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
-        state = manager.restore(
-            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
+        items = {"state": ocp.args.StandardRestore(target)}
+        if os.path.isdir(os.path.join(workdir, "checkpoints", str(start), "progress")):
+            items["progress"] = ocp.args.JsonRestore()
+        restored = manager.restore(start, args=ocp.args.Composite(**items))
+        state = restored["state"]
+        progress = Progress(config, restored.get("progress"))
         log(f"resumed from {workdir}/checkpoints/{start}")
+        if best_manager is not None:  # a best saved after `start` will be found again
+            for stale in [s for s in best_manager.all_steps() if s > start]:
+                best_manager.delete(stale)
     else:
         params = jax.jit(init_params, out_shardings=shardings["params"])(
             jax.random.key(config.seed)
@@ -482,7 +544,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             try:
                 loaded = checkpoint.load_pretrained(
                     pretrained_path=path,
-                    init_params=jax.device_get(params),
+                    init_params=parallel.to_host(params),
                     model_config=model,
                     grid_size=grid,
                 )
@@ -490,12 +552,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise TrainingError(
                     f"{e}\nOr train from random weights with --from_scratch."
                 ) from None
-            params = jax.device_put(loaded, shardings["params"])
+            params = parallel.put(loaded, shardings["params"])
             log(f"initialised from {path}")
         state = jax.jit(lambda p: initial_state(p, tx), out_shardings=shardings)(params)
         start = 0
 
-    train_step = make_train_step(model, tx, config, mesh)
+    train_step = make_train_step(model, tx, config, mesh, shardings)
     eval_step = make_eval_step(model)
     schedule = make_schedule(config)
     writer = MetricWriter(workdir)
@@ -572,10 +634,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "grad_norm": float(host[-1][1]["grad_norm"]) if host else float("nan"),
         }
 
+    def save(step: int) -> None:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress.to_dict())
+            ),
+        )
+
+    last_step = start
+    stopped_early = progress.should_stop  # a run that stopped early stays stopped when rerun
     try:
         for step in range(start + 1, config.total_steps + 1):
+            if stopped_early:
+                break
             state, metrics = train_step(state, next(batches))
             pending.append((step, metrics))
+            last_step = step
             bar.update(1)
             is_last = step == config.total_steps
             do_eval = is_last or step % config.eval_every == 0
@@ -587,6 +662,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     row.update(
                         accuracy=eval_metrics["accuracy"], test_loss=eval_metrics["test_loss"]
                     )
+                    improved = progress.update(step, eval_metrics)
+                    if improved and best_manager and step not in best_manager.all_steps():
+                        best_manager.save(
+                            step,
+                            args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"])),
+                        )
+                    if progress.should_stop:
+                        stopped_early = do_ckpt = True  # save first, then stop
+                        log(
+                            f"early stop at step {step}: no better {progress.metric} in "
+                            f"{progress.patience} evaluations (best {progress.best_value:.4f} at "
+                            f"step {progress.best_step})"
+                        )
                 writer.write(row)
                 bar.set_postfix(
                     loss=f"{row['train_loss']:.4f}",
@@ -594,7 +682,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     **({"acc": f"{row['accuracy']:.4f}"} if do_eval else {}),
                 )
                 if do_ckpt:
-                    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+                    save(step)
     finally:
         bar.close()
         manager.wait_until_finished()
@@ -602,18 +690,47 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     if not eval_metrics:  # already finished before this call: evaluate the restored state
         eval_metrics = run_eval()
-    result = {"step": config.total_steps, **eval_metrics}
+    result = {"step": last_step, **eval_metrics, "stopped_early": stopped_early}
+    best_params = None
+    if best_manager is not None and progress.best_step is not None:
+        result["best"] = {
+            "step": progress.best_step,
+            "metric": progress.metric,
+            "value": progress.best_value,
+        }
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract["params"],
+            shardings["params"],
+        )
+        best_params = best_manager.restore(
+            progress.best_step,
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+        )["params"]
+        best_manager.close()
+    # Collectives: every process takes part, process 0 writes.
+    final_params = parallel.to_host(state["params"]) if config.export_npz else None
+    best_params = parallel.to_host(best_params) if best_params is not None else None
     if jax.process_index() == 0:
         log(format_report(eval_metrics, info.class_names))
         with open(os.path.join(workdir, "eval.json"), "w") as f:
             json.dump({**result, "class_names": info.class_names}, f)
         writer.plot(os.path.join(workdir, "curves.png"))
         if config.export_npz:
-            path = checkpoint.save(
-                jax.device_get(state["params"]), os.path.join(workdir, "model.npz")
-            )
+            path = checkpoint.save(final_params, os.path.join(workdir, "model.npz"))
             log(f"exported {path}")
-        log(f"test accuracy {eval_metrics['accuracy']:.4f} after {config.total_steps} steps")
+            if best_params is not None:
+                path = checkpoint.save(best_params, os.path.join(workdir, "best.npz"))
+                log(f"exported {path} (step {progress.best_step})")
+        log(
+            f"test accuracy {eval_metrics['accuracy']:.4f} after {last_step} steps"
+            + (" (stopped early)" if stopped_early else "")
+        )
+        if "best" in result:
+            log(
+                f"best {progress.metric} {progress.best_value:.4f} at step {progress.best_step}"
+                f" (kept in {workdir}/best/{progress.best_step})"
+            )
     return result
 
 
@@ -643,6 +760,10 @@ _PLAIN_FLAGS = [
     "tfds_manual_dir",
     "dtype",
     "seed",
+    "keep_best",
+    "early_stop_patience",
+    "remat",
+    "shard_params",
 ]
 
 
@@ -736,6 +857,39 @@ def _define_flags():
     f.DEFINE_integer(
         "seed", None, f"Random seed for init, data order, augmentation, dropout (default {d.seed})."
     )
+    f.DEFINE_bool(
+        "remat",
+        None,
+        "Recompute each encoder block's activations in the backward pass: much less memory for "
+        "~1/3 more compute, the same numbers (default off).",
+    )
+    f.DEFINE_bool(
+        "shard_params",
+        None,
+        "FSDP: split parameters and optimizer state over all devices along their largest dimension "
+        "instead of a copy per device; the same numbers (default off).",
+    )
+    f.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-process runs: HOST:PORT of process 0, the same on every process (with --num_processes "
+        "and --process_id). Without these, Cloud TPU pods, Slurm and Open MPI are detected.",
+    )
+    f.DEFINE_integer("num_processes", None, "Multi-process runs: the number of processes.")
+    f.DEFINE_integer("process_id", None, "Multi-process runs: this process, 0..num_processes-1.")
+    f.DEFINE_enum(
+        "keep_best",
+        None,
+        ["accuracy", "loss"],
+        "Also keep the checkpoint with the best evaluation so far (highest accuracy or lowest test "
+        "loss) in RUN/best/, and export it to RUN/best.npz at the end (default: off).",
+    )
+    f.DEFINE_integer(
+        "early_stop_patience",
+        None,
+        "Stop after N evaluations without a better --keep_best metric (accuracy if not given), "
+        "saving a checkpoint first; 0 = never (default 0).",
+    )
     return flags.FLAGS
 
 
@@ -775,10 +929,23 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         try:
+            parallel.initialize(
+                flags_obj.coordinator_address, flags_obj.num_processes, flags_obj.process_id
+            )
             config = config_from_flags(flags_obj)
+            if jax.process_count() > 1 and not flags_obj.name:
+                raise TrainingError(
+                    "a multi-process run needs --name (the same on every process), so that all "
+                    "processes use one run directory"
+                )
             workdir = run_directory(flags_obj.logdir, flags_obj.name, config)
             train_and_evaluate(config, workdir)
-        except (TrainingError, checkpoint.CheckpointError, input_pipeline.DataError) as e:
+        except (
+            TrainingError,
+            checkpoint.CheckpointError,
+            input_pipeline.DataError,
+            parallel.DistributedError,
+        ) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax import predict
 from vit_jax.checkpoint import square_grid
+from vit_jax.commands import prog
 
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
@@ -148,7 +149,7 @@ def figures_main(argv: Sequence[str]) -> None:
     from vit_jax import figures
 
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.visualize figures",
+        prog=prog("vit_jax.visualize") + " figures",
         description="Writes the paper's Figure 7 (embedding filters' principal components, position "
         "embedding similarity, mean attention distance) for a checkpoint, plus a patch grid and a "
         "top-k bar chart for one image.",
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         figures_main(argv[1:])
         return
     parser = argparse.ArgumentParser(
-        prog="python -m vit_jax.visualize",
+        prog=prog("vit_jax.visualize"),
         description=__doc__.split("\n\n")[0]
         + " (`python -m vit_jax.visualize figures --help`: the paper's figures.)",
     )

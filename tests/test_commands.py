@@ -1,0 +1,63 @@
+"""Console scripts: the same table installed (pyproject.toml) and `python -m vit_jax`, equivalent to `python -m`."""
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import commands
+
+BIN = os.path.dirname(sys.executable)
+
+
+def test_installed_scripts_are_the_listed_commands():
+    installed = {
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="console_scripts")
+        if ep.value.startswith("vit_jax.")
+    }
+    assert installed == {name: f"{module}:main" for name, (module, _) in commands.COMMANDS.items()}
+    for name in ("vit-train", "vit-predict", "vit-visualize", "vit-checkpoint", "vit-benchmark"):
+        assert name in installed
+
+
+def test_python_m_vit_jax_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "vit_jax"], capture_output=True, text=True, check=True
+    ).stdout
+    for name, (module, _) in commands.COMMANDS.items():
+        assert name in out and f"python -m {module}" in out
+
+
+def _help(cmd):
+    result = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", ["vit-predict", "vit-checkpoint", "vit-benchmark"])
+def test_installed_scripts_equal_the_module_forms(name):
+    script = os.path.join(BIN, name)
+    assert os.path.exists(script), f"{name} is not installed next to {sys.executable}"
+    module = commands.COMMANDS[name][0]
+    as_script = _help([script])
+    as_module = _help([sys.executable, "-m", module])
+    assert as_script.startswith(f"usage: {name} ")
+    assert as_module.startswith(f"usage: python -m {module} ")
+    # The same options and text once the program name (and the line wrapping it causes) is set aside.
+    norm = lambda text, prog: " ".join(text.replace(prog, "PROG").split())
+    assert norm(as_script, name) == norm(as_module, f"python -m {module}")
+    # And through `python -m vit_jax NAME`.
+    assert _help([sys.executable, "-m", "vit_jax", name.removeprefix("vit-")]) == as_script
+
+
+def test_unknown_command_is_one_clear_error():
+    result = subprocess.run(
+        [sys.executable, "-m", "vit_jax", "trian"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: unknown command 'trian'") and "Traceback" not in (
+        result.stderr
+    )

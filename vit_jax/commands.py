@@ -1,0 +1,53 @@
+"""The commands this package installs, listed by `python -m vit_jax` (`python -m vit_jax NAME ...` runs one)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+# Console script -> (module, what it does). The same table as [project.scripts] in pyproject.toml
+# (a test keeps them equal); each script is the module's `main`, so `vit-X ...` == `python -m MODULE ...`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "vit-train": ("vit_jax.train", "fine-tune or train on TFDS, an image folder or the digits"),
+    "vit-predict": ("vit_jax.predict", "top-k labels for images"),
+    "vit-visualize": (
+        "vit_jax.visualize",
+        "attention rollout maps; `figures`: the paper's figures",
+    ),
+    "vit-checkpoint": ("vit_jax.checkpoint", "inspect and convert .npz / orbax checkpoints"),
+    "vit-benchmark": ("vit_jax.benchmark", "img/s and % of the matmul peak on this machine"),
+    "vit-summary": ("vit_jax.summary", "per-module parameter table and GFLOPs of a model"),
+}
+
+
+def prog(module: str) -> str:
+    """The command name for usage lines: `vit-X` when run as that script, else `python -m MODULE`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return name if name in COMMANDS and COMMANDS[name][0] == module else f"python -m {module}"
+
+
+def usage() -> str:
+    width = max(len(n) for n in COMMANDS) + 2
+    lines = [
+        "vit-jax commands (each also runs as `python -m MODULE` or `python -m vit_jax NAME`):",
+        "",
+    ]
+    for name, (module, what) in COMMANDS.items():
+        lines.append(f"  {name:<{width}}{what}  [python -m {module}]")
+    lines += ["", "`COMMAND --help` explains each one's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    name = argv[0] if argv[0].startswith("vit-") else f"vit-{argv[0]}"
+    if name not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [name, *argv[1:]]  # every command parses sys.argv (absl needs the program name)
+    importlib.import_module(COMMANDS[name][0]).main()

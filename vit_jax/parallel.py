@@ -1,0 +1,131 @@
+"""Devices and processes: multi-host start-up, the ('data',) mesh, FSDP shardings, host <-> device.
+
+One process per host (or per GPU) runs the same program (JAX's multi-controller model). Each process
+feeds its own rows of every global batch; arrays span all processes' devices.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Environment variables that mean "this process is one of several" for jax.distributed's own
+# cluster detection (Slurm, Open MPI, Cloud TPU pod slices, an explicit coordinator).
+_CLUSTER_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+class DistributedError(RuntimeError):
+    """A multi-process start-up problem, with what to do about it."""
+
+
+def _cluster_detected() -> bool:
+    for name in _CLUSTER_MARKERS:
+        try:
+            if int(os.environ.get(name, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Starts JAX's multi-process runtime if this is a multi-process run; True if it did.
+
+    With `coordinator_address` ('HOST:PORT' of process 0), `num_processes` and `process_id` given, uses
+    them. With none given, starts only where a cluster is detected (Slurm, Open MPI, a Cloud TPU pod
+    slice, or JAX_COORDINATOR_ADDRESS set) and lets `jax.distributed.initialize()` read the rest from
+    the environment. On CPU the collectives go through gloo. Must run before any other JAX call.
+    """
+    given = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in given) and not all(v is not None for v in given):
+        raise DistributedError(
+            "give all of --coordinator_address HOST:PORT, --num_processes N and --process_id I "
+            "(the same address and N on every process, I = 0..N-1), or none of them to let JAX "
+            "detect the cluster (Cloud TPU, Slurm, Open MPI)"
+        )
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id {process_id} must be in 0..{num_processes - 1}")
+    explicit = coordinator_address is not None
+    if not explicit and not _cluster_detected():
+        return False
+    if explicit and num_processes == 1:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        if explicit:
+            jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        else:
+            jax.distributed.initialize()
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(
+            f"could not start the multi-process runtime ({str(e).splitlines()[0]}); check that "
+            "process 0 runs and its coordinator address is reachable from every process, or pass "
+            "--coordinator_address/--num_processes/--process_id explicitly"
+        ) from None
+    return True
+
+
+def data_mesh(devices: list | None = None) -> jax.sharding.Mesh:
+    """A one-axis ('data',) mesh over `devices` (default: all, of every process), in Auto mode.
+
+    Auto axes let XLA propagate the batch sharding through the model (JAX >= 0.9 makes `make_mesh`
+    default to Explicit axes, which rejects mixing a replicated class token with sharded patches).
+    """
+    devices = devices or jax.devices()
+    return jax.make_mesh(
+        (len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+    )
+
+
+def fsdp_spec(shape: tuple[int, ...], num_devices: int, min_size: int = 2**12) -> P:
+    """FSDP-style placement of one parameter: its largest dimension divisible by the device count is
+    split over 'data'; small arrays (< `min_size` elements) and indivisible ones stay replicated."""
+    if num_devices == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return P()
+    candidates = [d for d in range(len(shape)) if shape[d] % num_devices == 0]
+    if not candidates:
+        return P()
+    axis = max(candidates, key=lambda d: (shape[d], -d))
+    return P(*[("data" if d == axis else None) for d in range(len(shape))])
+
+
+def state_shardings(abstract: Any, mesh: jax.sharding.Mesh, shard_params: bool) -> Any:
+    """Shardings for a tree of arrays/ShapeDtypeStructs: replicated, or FSDP (`fsdp_spec`)."""
+    if not shard_params:
+        return jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+    return jax.tree.map(
+        lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), mesh.size)), abstract
+    )
+
+
+def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """This process's rows of a global batch -> global arrays sharded along the batch axis."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def put(tree: Any, shardings: Any) -> Any:
+    """Host arrays (the same on every process) -> global arrays with `shardings`."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy, whole, on every process (a collective: call it on all processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
