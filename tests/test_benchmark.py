@@ -29,3 +29,23 @@ def test_cli_json_and_input_mode(capsys):
     assert r["model"] == "testing" and r["mode"] == "infer" and r["gflops_per_image"] > 0
     benchmark.main(["--mode", "input", "--image_size", "64", "--batch", "8", "--steps", "2"])
     assert "preprocessing:" in capsys.readouterr().out
+
+
+def test_out_of_memory_step_reports_its_buffers_and_what_to_try(monkeypatch, capsys):
+    import jax
+
+    def exhausted(fn, steps, warmup=1):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30 bytes.")
+
+    monkeypatch.setattr(benchmark, "_time", exhausted)
+    args = ["--model", "testing", "--image_size", "32", "--batch", "4", "--mode", "train"]
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(args)
+    assert "out of memory running the step" in str(e.value) and "--remat" in str(e.value)
+    out = capsys.readouterr().out
+    assert "GiB temporaries" in out and "peak host memory" in out
+    with pytest.raises(SystemExit) as e:
+        benchmark.main([*args, "--json"])
+    assert e.value.code == 1
+    r = json.loads(capsys.readouterr().out)
+    assert r["xla_temp_gib"] > 0 and "median_step_s" not in r

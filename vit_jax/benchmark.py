@@ -74,7 +74,8 @@ def run(
     """Measures one configuration; returns the figures as a dict.
 
     Training also reports memory: XLA's buffer sizes for the compiled step (arguments, i.e. the state
-    and batch, and temporaries, i.e. activations and gradients) and the process's peak RSS.
+    and batch, and temporaries, i.e. activations and gradients) and the process's peak RSS. A step that
+    runs out of memory returns those figures with an `error` instead of timings.
     """
     import jax
     import jax.numpy as jnp
@@ -135,7 +136,19 @@ def run(
             holder["state"], metrics = step(holder["state"], {"image": images, "label": labels})
             return metrics["loss"]
 
-        compile_s, times = _time(one_step, steps)
+        try:
+            compile_s, times = _time(one_step, steps)
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            import resource
+
+            result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            result["error"] = (
+                "out of memory running the step: " + str(e).splitlines()[0][:200] + "; try "
+                "--remat, --shard_params over more devices, --dtype bfloat16 or a smaller --batch"
+            )
+            return result
         flops_factor = 3  # forward + backward (about 2x forward)
     else:
         raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
@@ -208,9 +221,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     if args.json:
         print(json.dumps(r))
+        if "error" in r:
+            raise SystemExit(1)
         return
     print(f"{r['model']} {r['mode']} {r['dtype']} batch {r['batch']} at {r['image_size']}px on "
           f"{r['devices']} {r['platform']} device(s)")  # fmt: skip
+    if "error" in r:
+        _print_memory(r)
+        raise SystemExit(f"error: {r['error']}")
     if args.mode == "input":
         print(f"preprocessing: {r['img_s']:.0f} img/s")
         return
@@ -224,6 +242,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"achieved           {r['achieved_gflops']:.1f} GFLOP/s")
     print(f"matmul peak        {r['peak_matmul_gflops']:.1f} GFLOP/s ({r['dtype']}, same devices)")
     print(f"of peak            {r['percent_of_peak']:.1f} %")
+    _print_memory(r)
+
+
+def _print_memory(r: dict[str, Any]) -> None:
     if "xla_temp_gib" in r:
         print(
             f"XLA step buffers   {r['xla_argument_gib']:.2f} GiB state+batch, "

@@ -25,7 +25,9 @@ def forward_gflops(
     """Forward-pass GFLOPs for one image, from XLA's cost analysis of the lowered (uncompiled) program.
 
     Counts every op XLA counts (a multiply-add is 2 FLOPs); matmuls and convolutions dominate.
+    Rematerialisation is switched off for the count: XLA counts a loop's body once.
     """
+    model = model.clone(remat=False)
     h, w = image_hw(image_size)
     params = param_shapes(model, (h, w))
     images = jax.ShapeDtypeStruct((1, h, w, 3), dtype)
