@@ -194,11 +194,8 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
     assert out[8]["acc"] == out[1]["acc"]
 
 
-def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
-    config = tiny_config(total_steps=8, checkpoint_every=3, eval_every=8)
-    config.model_overrides["dropout_rate"] = 0.1
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
-
+def kill_after_5_batches(monkeypatch):
+    """Makes the next run's input raise KeyboardInterrupt after 5 batches; returns the real input."""
     real = input_pipeline.train_batches
 
     def interrupted(*args, **kwargs):
@@ -208,6 +205,15 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mo
         raise KeyboardInterrupt("simulated kill after 5 batches")
 
     monkeypatch.setattr(input_pipeline, "train_batches", interrupted)
+    return real
+
+
+def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    config = tiny_config(total_steps=8, checkpoint_every=3, eval_every=8)
+    config.model_overrides["dropout_rate"] = 0.1
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    real = kill_after_5_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
@@ -420,17 +426,9 @@ def test_early_stopping_stops_at_the_expected_evaluation_and_stays_stopped(tmp_p
 def test_early_stopping_count_survives_a_resume(tmp_path, monkeypatch):
     config = tiny_config(total_steps=20, eval_every=2, checkpoint_every=4, keep_checkpoints=10)
     config.early_stop_patience, config.keep_best = 2, "accuracy"
-    real = input_pipeline.train_batches
-
-    def interrupted(*args, **kwargs):
-        it = real(*args, **kwargs)
-        for _ in range(5):
-            yield next(it)
-        raise KeyboardInterrupt("simulated kill after 5 batches")
-
     # Evaluations at 2 and 4 (best at 4, checkpointed with the count), killed at step 6.
     scripted_evaluation(monkeypatch, "accuracy", [0.3, 0.6])
-    monkeypatch.setattr(input_pipeline, "train_batches", interrupted)
+    real = kill_after_5_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path))
     monkeypatch.setattr(input_pipeline, "train_batches", real)
