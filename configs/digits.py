@@ -1,7 +1,7 @@
 r"""The offline demo: a small ViT trained from scratch on scikit-learn's embedded digits.
 
 1437 training / 360 test images of 8x8 pixels; patch 2 gives 16 tokens. Measured on 2 CPU cores:
-97.5 % test accuracy in 2 min 11 s (start-up included). No dropout and no flips (digits are not
+97.5 % test accuracy in 2 min 11 s (start-up included; 97.8 % in 1 min 37 s on an AMD EPYC). No dropout and no flips (digits are not
 mirror-symmetric); mild crops and weight decay 0.1 keep the model from overfitting.
 
 python -m vit_jax.train --config configs/digits.py
