@@ -110,6 +110,11 @@ class PatchEmbedding(nn.Module):
         return y + bias.astype(jnp.float32)
 
 
+def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+    """The i-th key derived from `rng`, or None (the Dropout then draws from the `dropout` rng)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense -> dropout: (N, L, D) -> (N, L, out_dim or D)."""
 
@@ -119,7 +124,9 @@ class MlpBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool, rng: jax.Array | None = None
+    ) -> jax.Array:
         dense = functools.partial(
             nn.Dense,
             dtype=self.dtype,
@@ -129,9 +136,9 @@ class MlpBlock(nn.Module):
         )
         y = dense(self.mlp_dim, name="Dense_0")(x)
         y = nn.gelu(y)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 0))
         y = dense(self.out_dim or x.shape[-1], name="Dense_1")(y)
-        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 1))
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -149,7 +156,9 @@ class MultiHeadDotProductAttention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool, rng: jax.Array | None = None
+    ) -> jax.Array:
         features = x.shape[-1]
         if features % self.num_heads:
             raise ValueError(
@@ -179,7 +188,7 @@ class MultiHeadDotProductAttention(nn.Module):
             weights = jax.nn.softmax(logits, axis=-1)
             if keep_weights:
                 self.sow("intermediates", "attention_weights", weights)
-            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not use_dropout)
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not use_dropout, rng=rng)
             y = jnp.einsum(
                 "...qk,...kd->...qd",
                 weights.astype(self.dtype),
@@ -199,7 +208,11 @@ class MultiHeadDotProductAttention(nn.Module):
 
 
 class Encoder1DBlock(nn.Module):
-    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). (N, L, D) -> (N, L, D)."""
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). (N, L, D) -> (N, L, D).
+
+    `rng`, when given, is the key of all this block's dropout masks (else they come from the
+    `dropout` rng collection).
+    """
 
     mlp_dim: int
     num_heads: int
@@ -208,15 +221,17 @@ class Encoder1DBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, deterministic: bool) -> jax.Array:
+    def __call__(
+        self, inputs: jax.Array, deterministic: bool, rng: jax.Array | None = None
+    ) -> jax.Array:
         x = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(inputs)
         x = MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             dropout_rate=self.attention_dropout_rate,
             dtype=self.dtype,
             name="MultiHeadDotProductAttention_1",
-        )(x, deterministic=deterministic)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        )(x, deterministic=deterministic, rng=_fold(rng, 0))
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic, rng=_fold(rng, 1))
         x = x + inputs
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
         y = MlpBlock(
@@ -224,7 +239,7 @@ class Encoder1DBlock(nn.Module):
             dropout_rate=self.dropout_rate,
             dtype=self.dtype,
             name="MlpBlock_3",
-        )(y, deterministic=deterministic)
+        )(y, deterministic=deterministic, rng=_fold(rng, 2))
         return x + y
 
 
@@ -235,9 +250,9 @@ class Encoder(nn.Module):
     backward pass: less memory, ~1/3 more compute, the same numbers up to float rounding. The blocks
     then run as one `lax.scan` over their stacked parameters, each step under `jax.checkpoint`, so the
     backward pass recomputes and frees one block at a time. (Checkpointing the unrolled blocks saved
-    nothing on XLA:CPU: the compiled step's temporaries stayed the same size.) Dropout masks come from
-    per-layer keys split off the `dropout` rng, so with dropout they differ from the unrolled blocks'
-    masks (same distribution). The parameter tree keeps the published per-block names either way.
+    nothing on XLA:CPU: the compiled step's temporaries stayed the same size.) Either way block i's
+    dropout masks come from key i of the `dropout` rng split per layer, so remat draws the same masks.
+    The parameter tree keeps the published per-block names either way.
     """
 
     num_layers: int
@@ -263,37 +278,34 @@ class Encoder(nn.Module):
         scanned = (
             self.remat
             and train
-            and self.num_layers > 1
             and not self.is_initializing()
             and not self.is_mutable_collection("intermediates")
         )
+        use_rng = train and (self.dropout_rate > 0 or self.attention_dropout_rate > 0)
+        keys = jax.random.split(self.make_rng("dropout"), self.num_layers) if use_rng else None
         if not scanned:
             for i in range(self.num_layers):
-                x = block(name=f"encoderblock_{i}")(x, not train)
+                key = None if keys is None else keys[i]
+                x = block(name=f"encoderblock_{i}")(x, not train, key)
         else:
-            x = self._scanned_blocks(block(parent=None), x, deterministic=not train)
+            x = self._scanned_blocks(block(parent=None), x, not train, keys)
         return nn.LayerNorm(name="encoder_norm")(x.astype(jnp.float32))
 
-    def _scanned_blocks(self, block: nn.Module, x: jax.Array, deterministic: bool) -> jax.Array:
-        """All blocks as `scan(checkpoint(block))` over their parameters, stacked on a new axis 0."""
+    def _scanned_blocks(
+        self, block: nn.Module, x: jax.Array, deterministic: bool, keys: jax.Array | None
+    ) -> jax.Array:
+        """All blocks as `scan(checkpoint(block))` over their parameters, stacked on a new axis 0,
+        and their dropout keys (None: no dropout)."""
         params = self.variables["params"]
         per_block = [params[f"encoderblock_{i}"] for i in range(self.num_layers)]
         stacked = jax.tree.map(lambda *p: jnp.stack(p), *per_block)
-        use_rng = not deterministic and (self.dropout_rate > 0 or self.attention_dropout_rate > 0)
-        rngs = (
-            jax.random.split(self.make_rng("dropout"), self.num_layers)
-            if use_rng
-            else jnp.zeros((self.num_layers,), jnp.uint32)
-        )
 
         @jax.checkpoint
-        def step(y: jax.Array, layer: tuple[Any, jax.Array]) -> tuple[jax.Array, None]:
-            p, rng = layer
-            return block.apply(
-                {"params": p}, y, deterministic, rngs={"dropout": rng} if use_rng else None
-            ), None
+        def step(y: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
+            p, key = layer
+            return block.apply({"params": p}, y, deterministic, key), None
 
-        x, _ = jax.lax.scan(step, x, (stacked, rngs))
+        x, _ = jax.lax.scan(step, x, (stacked, keys))
         return x
 
 
