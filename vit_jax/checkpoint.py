@@ -548,11 +548,11 @@ def load_orbax_params(directory: str) -> Params:
     steps = [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
     if steps:
         directory = os.path.join(directory, max(steps, key=int))
-    item = os.path.join(directory, "state")
     if os.path.isdir(os.path.join(directory, "params")):  # best/<step>: the params alone
         return jax.tree.map(
             np.asarray, ocp.PyTreeCheckpointer().restore(os.path.join(directory, "params"))
         )
+    item = os.path.join(directory, "state")
     if not os.path.isdir(item):
         raise CheckpointError(f"{directory} is not an orbax checkpoint written by vit_jax.train")
     tree = ocp.PyTreeCheckpointer().restore(item)

@@ -71,8 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.momentum_dtype = "bfloat16"  # SGD momentum / AdamW first moment: 'bfloat16' or 'float32'
     c.weight_decay = 0.0
     c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
-    c.remat = False  # recompute each encoder block in the backward pass: less memory, same numbers
-    c.shard_params = False  # FSDP: split params and optimizer state over the devices, same numbers
+    # Memory levers; each gives the same numbers up to float rounding (XLA may sum in another order).
+    c.remat = False  # recompute encoder blocks in the backward pass, one at a time
+    c.shard_params = False  # FSDP: split params and optimizer state over the devices
     c.seed = 0
     c.log_every = 50
     c.eval_every = 1000
@@ -498,6 +499,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     abstract = jax.eval_shape(lambda: initial_state(init_params(jax.random.key(0)), tx))
     shardings = parallel.state_shardings(abstract, mesh, config.shard_params)
+    # What a restore produces: the state's shapes and dtypes, placed as training places them.
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
     # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
     options = ocp.CheckpointManagerOptions(
@@ -522,9 +527,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = Progress(config)
 
     if start is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-        )
         items = {"state": ocp.args.StandardRestore(target)}
         if os.path.isdir(os.path.join(workdir, "checkpoints", str(start), "progress")):
             items["progress"] = ocp.args.JsonRestore()
@@ -698,15 +700,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "metric": progress.metric,
             "value": progress.best_value,
         }
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            abstract["params"],
-            shardings["params"],
-        )
         best_params = best_manager.restore(
             progress.best_step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(target)),
+            args=ocp.args.Composite(params=ocp.args.StandardRestore(target["params"])),
         )["params"]
+    if best_manager is not None:
         best_manager.close()
     # Collectives: every process takes part, process 0 writes.
     final_params = parallel.to_host(state["params"]) if config.export_npz else None
@@ -861,13 +859,13 @@ def _define_flags():
         "remat",
         None,
         "Recompute each encoder block's activations in the backward pass: much less memory for "
-        "~1/3 more compute, the same numbers (default off).",
+        "~1/3 more compute, the same numbers up to float rounding (default off).",
     )
     f.DEFINE_bool(
         "shard_params",
         None,
         "FSDP: split parameters and optimizer state over all devices along their largest dimension "
-        "instead of a copy per device; the same numbers (default off).",
+        "instead of a copy per device; the same numbers up to float rounding (default off).",
     )
     f.DEFINE_string(
         "coordinator_address",
