@@ -19,6 +19,14 @@ def test_infer_and_train_figures_are_consistent():
         )
         assert r["compile_s"] > 0 and r["peak_matmul_gflops"] > 0
     assert train["gflops_per_image"] == pytest.approx(3 * infer["gflops_per_image"])
+    assert infer["micro_batches"] == train["micro_batches"] == 1  # 4 images x 5 tokens: one block
+
+
+def test_cpu_blocks_are_reported():
+    # 5 tokens per image, at most 10 per block: 2 images a block.
+    for mode in ("infer", "train"):
+        r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=10)
+        assert r["micro_batches"] == 2 and r["img_s"] > 0
 
 
 def test_cli_json_and_input_mode(capsys):
@@ -38,6 +46,7 @@ def test_out_of_memory_step_reports_its_buffers_and_what_to_try(monkeypatch, cap
         raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30 bytes.")
 
     monkeypatch.setattr(benchmark, "_time", exhausted)
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *args, **kwargs: 100.0)
     args = ["--model", "testing", "--image_size", "32", "--batch", "4", "--mode", "train"]
     with pytest.raises(SystemExit) as e:
         benchmark.main(args)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,6 +39,7 @@ _WORKER = textwrap.dedent(
             "devices": jax.device_count(), "processes": jax.process_count(),
             "losses": [r["train_loss"] for r in rows],
             "accuracy": result["accuracy"], "num_examples": result["num_examples"],
+            "micro_batches": result["micro_batches"],
         }}))
     """
 ).format(tests=os.path.join(REPO, "tests"))
@@ -122,6 +124,41 @@ def test_fsdp_and_remat_change_nothing_and_compose_with_accumulation(tmp_path):
     levers = _single(tmp_path / "levers", 4, accum_steps=2, shard_params=True, remat=True)
     np.testing.assert_allclose(levers["losses"], base["losses"], rtol=1e-5)
     assert levers["accuracy"] == base["accuracy"]
+
+
+def test_cpu_blocks_on_four_devices_change_nothing(tmp_path):
+    # Without dropout (blocks draw their own masks), 2 micro-batches of 2 rows per device == the same
+    # cut into blocks of 1 image (5 tokens): 4 micro-batches.
+    no_dropout = dict(
+        hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch_size=(4, 4), dropout_rate=0.0
+    )
+    base = _single(tmp_path / "base", 4, accum_steps=2, model_overrides=no_dropout)
+    blocks = _single(
+        tmp_path / "blocks", 4, accum_steps=2, cpu_block_tokens=5, model_overrides=no_dropout
+    )
+    np.testing.assert_allclose(blocks["losses"], base["losses"], rtol=1e-5)
+    assert blocks["accuracy"] == base["accuracy"]
+    assert blocks["micro_batches"] == 4 and base["micro_batches"] == 2
+
+
+def test_cpu_blocks_pick_the_fewest_blocks_under_the_token_budget():
+    assert parallel.cpu_blocks(32, 197, 1024) == 8  # ViT-Ti/16 224 px, batch 32: 4 images a block
+    assert parallel.cpu_blocks(8, 197, 1024) == 2
+    assert parallel.cpu_blocks(6, 197, 1024) == 2  # 3 images, 591 tokens
+    assert parallel.cpu_blocks(7, 197, 1024) == 7  # only 1 or 7 divide 7
+    assert parallel.cpu_blocks(8, 577, 1024) == 8  # one image is already over: one at a time
+    assert parallel.cpu_blocks(8, 577, 0) == 1  # off
+    assert parallel.cpu_blocks(4, 10, 1024) == 1
+
+
+def test_split_rows_interleaves_and_merge_rows_undoes_it():
+    x = np.arange(12).reshape(6, 2)
+    s = parallel.split_rows(x, 3)
+    assert s.shape == (3, 2, 2)
+    np.testing.assert_array_equal(s[1], x[[1, 4]])  # block j: rows j, j + 3
+    np.testing.assert_array_equal(parallel.merge_rows(s), x)
+    doubled = parallel.map_in_blocks(lambda b: {"y": 2 * b}, jnp.asarray(x), 3)
+    np.testing.assert_array_equal(doubled["y"], 2 * x)
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):

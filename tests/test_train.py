@@ -135,27 +135,51 @@ def test_loss_decreases_on_digits(tmp_path):
     assert result["accuracy"] > 0.5
 
 
-def test_accumulation_equals_one_big_batch():
+# (accum_steps, cpu_block_tokens in tokens per image, micro-batches): the testing model at 32 px
+# sees 5 tokens per image; blocks of at most 2 images cut each 8 (or 4) rows into 4.
+@pytest.mark.parametrize("accum, block_images, micro", [(2, 0, 2), (1, 2, 4), (2, 2, 4), (2, 1, 8)])
+def test_accumulation_and_cpu_blocks_equal_one_big_batch(accum, block_images, micro):
     model = models.get_model("testing", num_classes=3, dropout_rate=0.0, hidden_size=16, mlp_dim=16)
     mesh = parallel.data_mesh()
     images = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3), minval=-1, maxval=1)
     labels = jnp.array([0, 1, 2, 0, 1, 2, 0, 1])
     params = model.init(jax.random.key(1), images[:1])["params"]
     params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(2), (16, 3))
+    tokens = model.num_tokens(32)
+    assert tokens == 5
 
-    def one_step(accum):
+    def one_step(accum, block_tokens):
         config = tiny_config(accum_steps=accum, batch=8, warmup_steps=0, base_lr=0.1)
+        config.cpu_block_tokens = block_tokens
         tx = train.make_optimizer(config)
         step = train.make_train_step(model, tx, config, mesh)
         state = jax.tree.map(jnp.copy, train.initial_state(params, tx))
         new, metrics = step(state, {"image": images, "label": labels})
-        return new["params"], float(metrics["loss"])
+        return (
+            new["params"],
+            float(metrics["loss"]),
+            train.micro_batches(model, config, images.shape, 1),
+        )
 
-    p1, l1 = one_step(1)
-    p2, l2 = one_step(2)
+    p1, l1, m1 = one_step(1, 0)
+    p2, l2, m2 = one_step(accum, block_images * tokens)
+    assert (m1, m2) == (1, micro)
     assert abs(l1 - l2) < 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
     assert not np.allclose(p1["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_evaluation_in_cpu_blocks_equals_the_whole_batch():
+    model = models.get_model("testing", num_classes=3, hidden_size=16, mlp_dim=16)
+    images = jax.random.uniform(jax.random.key(0), (12, 32, 32, 3), minval=-1, maxval=1)
+    batch = {"image": images, "label": jnp.arange(12) % 3}
+    params = model.init(jax.random.key(1), images[:1])["params"]
+    params["head"]["kernel"] = jax.random.normal(jax.random.key(2), (16, 3))
+    whole = train.make_eval_step(model, cpu_block_tokens=0)(params, batch)
+    blocked = train.make_eval_step(model, cpu_block_tokens=3 * 5)(params, batch)  # 4 blocks of 3
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-5, atol=1e-6)
+    assert len(set(np.asarray(whole[0]).tolist())) > 1  # not a constant prediction
 
 
 _DEVICE_SCRIPT = textwrap.dedent(

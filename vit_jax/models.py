@@ -369,6 +369,11 @@ class VisionTransformer(nn.Module):
             )
         return h // sh, w // sw
 
+    def num_tokens(self, image_size: int | Sequence[int]) -> int:
+        """Sequence length the encoder sees at `image_size`: patches (+1 for the class token)."""
+        gh, gw = self.grid_size(image_size)
+        return gh * gw + int(self.has_class_token)
+
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         if images.ndim != 4:

@@ -108,6 +108,48 @@ def state_shardings(abstract: Any, mesh: jax.sharding.Mesh, shard_params: bool) 
     )
 
 
+# Tokens (patches) per device that a CPU runs through the model at once; see `cpu_blocks`.
+CPU_BLOCK_TOKENS = 1024
+
+
+def cpu_blocks(rows: int, tokens_per_row: int, max_tokens: int = CPU_BLOCK_TOKENS) -> int:
+    """In how many equal blocks, run one after another, a CPU should push `rows` images (of one
+    device) of `tokens_per_row` tokens each through a ViT: the fewest that give blocks of at most
+    `max_tokens` tokens (`rows` if a single image is over). 1 on GPU/TPU or when `max_tokens` is 0.
+
+    XLA:CPU writes each op's whole output to memory before the next op reads it. For a batch those
+    passes go through RAM; for blocks of about 1000 tokens they stay in the caches. On a 2-core
+    machine (32 MiB L3, ~9 GB/s RAM) a ViT-Ti/16 training step at batch 32 ran 1.6x faster in 8
+    blocks, ViT-B/16 at batch 8 1.4x faster in 2, ViT-Ti/16 inference 1.3x. Accelerators want the
+    whole batch at once.
+    """
+    if max_tokens <= 0 or jax.default_backend() != "cpu":
+        return 1
+    for blocks in range(1, rows + 1):
+        if rows % blocks == 0 and rows // blocks * tokens_per_row <= max_tokens:
+            return blocks
+    return rows
+
+
+def split_rows(x: jax.Array, blocks: int) -> jax.Array:
+    """(B, ...) -> (blocks, B // blocks, ...); block j holds rows j, j + blocks, ..., so that every
+    block of a batch sharded along its rows is spread over all the devices."""
+    return x.reshape(x.shape[0] // blocks, blocks, *x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_rows(x: jax.Array) -> jax.Array:
+    """The inverse of `split_rows`: (blocks, B // blocks, ...) -> (B, ...)."""
+    return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def map_in_blocks(fn: Any, x: jax.Array, blocks: int) -> Any:
+    """`fn(x)` for a function of independent rows, computed `blocks` rows-blocks at a time
+    (`jax.lax.map`); `fn` returns arrays (or a tree of them) with the rows first."""
+    if blocks == 1:
+        return fn(x)
+    return jax.tree.map(merge_rows, jax.lax.map(fn, split_rows(x, blocks)))
+
+
 def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays sharded along the batch axis."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

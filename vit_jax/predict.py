@@ -109,11 +109,15 @@ def _probabilities_fn(model: Any) -> Any:
 
     # Params are an argument, not a closure: closed-over arrays become constants of the compiled
     # program (hundreds of MB for ViT-B, and XLA:CPU's constant folding then gave NaN softmaxes).
+    from vit_jax import parallel
+
     @jax.jit
     def probabilities(params, images):
-        return jax.nn.softmax(
-            model.apply({"params": params}, images, train=False).astype(jnp.float32)
+        blocks = parallel.cpu_blocks(images.shape[0], model.num_tokens(images.shape[1:3]))
+        logits = parallel.map_in_blocks(
+            lambda x: model.apply({"params": params}, x, train=False), images, blocks
         )
+        return jax.nn.softmax(logits.astype(jnp.float32))
 
     return probabilities
 
