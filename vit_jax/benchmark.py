@@ -180,7 +180,9 @@ def run(
             result["peak_rss_gib"] = _peak_rss_gib()
             result["error"] = (
                 "out of memory running the step: " + str(e).splitlines()[0][:200] + "; try "
-                "--remat, --shard_params over more devices, --dtype bfloat16 or a smaller --batch"
+                "--remat, --shard_params over more devices, --dtype bfloat16"
+                + (", a smaller --cpu_block_tokens" if result["platform"] == "cpu" else "")
+                + " or a smaller --batch"
             )
             return result
         flops_factor = 3  # forward + backward (about 2x forward)

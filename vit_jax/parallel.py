@@ -119,9 +119,9 @@ def cpu_blocks(rows: int, tokens_per_row: int, max_tokens: int = CPU_BLOCK_TOKEN
 
     XLA:CPU writes each op's whole output to memory before the next op reads it. For a batch those
     passes go through RAM; for blocks of about 1000 tokens they stay in the caches. On a 2-core
-    machine (32 MiB L3, ~9 GB/s RAM) a ViT-Ti/16 training step at batch 32 ran 1.6x faster in 8
-    blocks, ViT-B/16 at batch 8 1.4x faster in 2, ViT-Ti/16 inference 1.3x. Accelerators want the
-    whole batch at once.
+    machine (32 MiB L3, ~9 GB/s from RAM) a ViT-Ti/16 training step at batch 32 ran 1.6x faster in 8
+    blocks and its inference 1.2x; ViT-B/16, whose matmuls dominate, ran as fast as without blocks.
+    Accelerators want the whole batch at once.
     """
     if max_tokens <= 0 or jax.default_backend() != "cpu":
         return 1
