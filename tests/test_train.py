@@ -175,6 +175,7 @@ def test_evaluation_in_cpu_blocks_equals_the_whole_batch():
     batch = {"image": images, "label": jnp.arange(12) % 3}
     params = model.init(jax.random.key(1), images[:1])["params"]
     params["head"]["kernel"] = jax.random.normal(jax.random.key(2), (16, 3))
+    assert parallel.model_blocks(model, images.shape, 1, 3 * 5) == 4
     whole = train.make_eval_step(model, cpu_block_tokens=0)(params, batch)
     blocked = train.make_eval_step(model, cpu_block_tokens=3 * 5)(params, batch)  # 4 blocks of 3
     np.testing.assert_array_equal(blocked[0], whole[0])

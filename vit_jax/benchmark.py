@@ -126,17 +126,10 @@ def run(
     if mode == "infer":
         # Inference keeps the weights in the compute dtype, as a deployment would (no per-call casts).
         params = jax.tree.map(lambda p: p.astype(model.dtype), params)
-        blocks = parallel.cpu_blocks(
-            batch // jax.device_count(),
-            model.num_tokens(image_size),
-            parallel.CPU_BLOCK_TOKENS if cpu_block_tokens is None else cpu_block_tokens,
-        )
-        result["micro_batches"] = blocks
-        forward = jax.jit(
-            lambda p, x: parallel.map_in_blocks(
-                lambda xb: model.apply({"params": p}, xb, train=False), x, blocks
-            )
-        )
+        max_tokens = parallel.CPU_BLOCK_TOKENS if cpu_block_tokens is None else cpu_block_tokens
+        devices = jax.device_count()
+        result["micro_batches"] = parallel.model_blocks(model, images.shape, devices, max_tokens)
+        forward = jax.jit(lambda p, x: parallel.apply_in_blocks(model, p, x, devices, max_tokens))
         compile_s, times = _time(lambda: forward(params, images), steps)
         flops_factor = 1
     elif mode == "train":

@@ -150,6 +150,27 @@ def map_in_blocks(fn: Any, x: jax.Array, blocks: int) -> Any:
     return jax.tree.map(merge_rows, jax.lax.map(fn, split_rows(x, blocks)))
 
 
+def model_blocks(
+    model: Any, image_shape: Any, num_devices: int = 1, max_tokens: int = CPU_BLOCK_TOKENS
+) -> int:
+    """`cpu_blocks` for a global NHWC batch of `image_shape` through a `VisionTransformer`, its rows
+    split over `num_devices`."""
+    rows = image_shape[0] // num_devices
+    return cpu_blocks(rows, model.num_tokens(tuple(image_shape[1:3])), max_tokens)
+
+
+def apply_in_blocks(
+    model: Any,
+    params: Any,
+    images: jax.Array,
+    num_devices: int = 1,
+    max_tokens: int = CPU_BLOCK_TOKENS,
+) -> jax.Array:
+    """`model.apply({'params': params}, images, train=False)`, on CPU in `model_blocks` blocks."""
+    blocks = model_blocks(model, images.shape, num_devices, max_tokens)
+    return map_in_blocks(lambda x: model.apply({"params": params}, x, train=False), images, blocks)
+
+
 def to_device(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's rows of a global batch -> global arrays sharded along the batch axis."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -113,10 +113,7 @@ def _probabilities_fn(model: Any) -> Any:
 
     @jax.jit
     def probabilities(params, images):
-        blocks = parallel.cpu_blocks(images.shape[0], model.num_tokens(images.shape[1:3]))
-        logits = parallel.map_in_blocks(
-            lambda x: model.apply({"params": params}, x, train=False), images, blocks
-        )
+        logits = parallel.apply_in_blocks(model, params, images)  # one device
         return jax.nn.softmax(logits.astype(jnp.float32))
 
     return probabilities

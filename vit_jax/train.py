@@ -208,9 +208,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def micro_batches(model, config, image_shape: Sequence[int], num_devices: int) -> int:
     """Micro-batches per training step for a global batch of NHWC `image_shape`: `accum_steps`, each
     cut on CPU into `parallel.cpu_blocks` of at most `cpu_block_tokens` tokens per device."""
-    rows = image_shape[0] // config.accum_steps // num_devices
-    tokens = model.num_tokens(tuple(image_shape[1:3]))
-    return config.accum_steps * parallel.cpu_blocks(rows, tokens, config.cpu_block_tokens)
+    accum = config.accum_steps
+    micro_shape = (image_shape[0] // accum, *image_shape[1:])
+    return accum * parallel.model_blocks(model, micro_shape, num_devices, config.cpu_block_tokens)
 
 
 def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
@@ -277,11 +277,8 @@ def make_eval_step(model, cpu_block_tokens: int = parallel.CPU_BLOCK_TOKENS):
     `cpu_block_tokens` tokens per device (see `parallel.cpu_blocks`)."""
 
     def eval_step(params, batch):
-        images = batch["image"]
-        rows = images.shape[0] // jax.device_count()
-        blocks = parallel.cpu_blocks(rows, model.num_tokens(images.shape[1:3]), cpu_block_tokens)
-        logits = parallel.map_in_blocks(
-            lambda x: model.apply({"params": params}, x, train=False), images, blocks
+        logits = parallel.apply_in_blocks(
+            model, params, batch["image"], jax.device_count(), cpu_block_tokens
         )
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits.astype(jnp.float32), batch["label"]
