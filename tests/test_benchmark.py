@@ -1,6 +1,9 @@
 """The benchmark command: figures are present and consistent with each other (timings are not tested)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -58,3 +61,18 @@ def test_out_of_memory_step_reports_its_buffers_and_what_to_try(monkeypatch, cap
     assert e.value.code == 1
     r = json.loads(capsys.readouterr().out)
     assert r["xla_temp_gib"] > 0 and "median_step_s" not in r
+
+
+def test_peak_of_fake_devices_is_measured_at_once():
+    # Four fake CPU devices share this machine's cores: together they are not 4x faster than one.
+    code = (
+        "import jax, jax.numpy as jnp; from vit_jax import benchmark\n"
+        "one = benchmark.matmul_peak_gflops(jnp.float32, 512, 5, jax.devices()[:1])\n"
+        "four = benchmark.matmul_peak_gflops(jnp.float32, 512, 5)\n"
+        "print(jax.device_count(), four / one)\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "4" and 0 < float(out[1]) < 2

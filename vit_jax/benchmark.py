@@ -6,8 +6,8 @@
 
 Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
 count of the forward pass; a training step counts 3x), achieved GFLOP/s, and that as a percentage of the
-peak matmul GFLOP/s of the same devices and dtype (measured before and after the model; the higher
-figure counts).
+peak matmul GFLOP/s of the same devices and dtype (all devices at once, measured before and after the
+model; the higher figure counts).
 """
 
 from __future__ import annotations
@@ -48,24 +48,33 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def matmul_peak_gflops(dtype: Any, size: int | None = None, steps: int = 10) -> float:
-    """Peak GFLOP/s of one device for a square matmul in `dtype` (median of `steps`), x devices.
+def matmul_peak_gflops(
+    dtype: Any, size: int | None = None, steps: int = 10, devices: Sequence[Any] | None = None
+) -> float:
+    """Peak GFLOP/s of `devices` (default: all) running a square matmul in `dtype` each, at once.
 
+    Each device multiplies its own (size, size) block (median of `steps`): devices that share
+    hardware (fake CPU devices, which share the host's cores) are not counted as if they did not.
     The product accumulates in float32 as the model's Dense layers do (`models.dot_general`); for
     bfloat16 on XLA:CPU that is also the only form that reaches the bfloat16 (AMX / AVX512-BF16) kernels.
     """
     import jax
     import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from vit_jax.models import dot_general
+    from vit_jax.parallel import data_mesh
 
-    device = jax.devices()[0]
-    n = size or (2048 if device.platform == "cpu" else 8192)
-    a = jax.device_put(jnp.ones((n, n), dtype), device)
+    devices = list(devices or jax.devices())
+    mesh = data_mesh(devices)
+    n = size or (2048 if devices[0].platform == "cpu" else 8192)
+    a = jax.device_put(jnp.ones((len(devices) * n, n), dtype), NamedSharding(mesh, P("data")))
+    b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, P()))
     dot = dot_general(dtype)
     f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
-    _, times = _time(lambda: f(a, a), steps)
-    return 2 * n**3 / statistics.median(times) / 1e9 * jax.device_count()
+    _, times = _time(lambda: f(a, b), steps)
+    return 2 * n**3 * len(devices) / statistics.median(times) / 1e9
 
 
 def run(
