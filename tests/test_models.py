@@ -1,5 +1,6 @@
 """Model family: parameter counts and names, shapes, dtypes, dropout, errors."""
 
+import collections
 import subprocess
 import sys
 
@@ -204,6 +205,67 @@ def test_bfloat16_matmuls_accumulate_in_float32():
     out = models.dot_general(jnp.bfloat16)(lhs, rhs, dims)
     assert out.dtype == jnp.float32 and float(out[0, 0]) == 4096 * (1.0 + 2.0**-7)
     assert models.dot_general(jnp.float32) is jax.lax.dot_general
+
+
+@pytest.mark.parametrize(
+    "dims,lhs_shape,rhs_shape",
+    [
+        ((((2,), (0,)), ((), ())), (2, 5, 6), (6, 7)),  # Dense
+        ((((2, 3), (0, 1)), ((), ())), (2, 5, 3, 4), (3, 4, 6)),  # attention "out" DenseGeneral
+        ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
+        ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
+    ],
+)
+def test_bfloat16_dot_gradients_match_float32(dims, lhs_shape, rhs_shape):
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(keys[0], lhs_shape).astype(jnp.bfloat16)
+    rhs = jax.random.normal(keys[1], rhs_shape).astype(jnp.bfloat16)
+    out = jax.lax.dot_general(lhs.astype(jnp.float32), rhs.astype(jnp.float32), dims)
+    g = jax.random.normal(keys[2], out.shape)
+    mixed = models.dot_general(jnp.bfloat16)
+    np.testing.assert_allclose(mixed(lhs, rhs, dims), out, rtol=1e-5, atol=1e-5)
+    _, vjp = jax.vjp(lambda a, b: mixed(a, b, dims), lhs, rhs)
+    _, vjp32 = jax.vjp(
+        lambda a, b: jax.lax.dot_general(a, b, dims), *(x.astype(jnp.float32) for x in (lhs, rhs))
+    )
+    for ours, ref in zip(vjp(g), vjp32(g), strict=True):
+        assert ours.dtype == jnp.bfloat16 and ours.shape == ref.shape
+        # bfloat16 rounding of the cotangent and of the result: ~2^-8 relative.
+        np.testing.assert_allclose(
+            ours.astype(jnp.float32), ref, atol=0.02 * float(jnp.abs(ref).max())
+        )
+
+
+def _dot_operand_dtypes(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[str, str]]:
+    """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for p in eqn.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else (p,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    found += _dot_operand_dtypes(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    found += _dot_operand_dtypes(sub)
+    return found
+
+
+def test_bfloat16_backward_products_take_bfloat16_operands():
+    # A float32 x bfloat16 product runs at the float32 rate on XLA:CPU: the backward pass of a bfloat16
+    # model must round its cotangents, not mix them with bfloat16 operands.
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, dropout_rate=0.0, dtype=jnp.bfloat16
+    )
+    images, params = _init(model)
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True) ** 2)
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    # Per layer q, k, v, qk^T, weights-v, out and 2 MLP products, plus the patch embedding: 17
+    # bfloat16 products, each run once forward and twice backward; the head computes in float32.
+    assert collections.Counter(dtypes) == {
+        ("bfloat16", "bfloat16"): 3 * 17,
+        ("float32", "float32"): 3,
+    }
 
 
 def test_remat_changes_nothing():

@@ -31,22 +31,70 @@ CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
 
 
 def dot_general(dtype: Dtype) -> Callable[..., jax.Array]:
-    """`lax.dot_general` for Dense layers computing in `dtype`: operands in `dtype`, float32 result.
+    """`lax.dot_general` for layers computing in `dtype`: operands in `dtype`, float32 result.
 
     Asking XLA for a float32 result of a bfloat16 product is what lets XLA:CPU use its bfloat16
     (AVX512-BF16 / AMX) matmul kernels; a plain bfloat16 dot is converted to float32 first and runs at
     the float32 rate. The float32 result also keeps the elementwise work that follows (bias, GELU,
     softmax, residual sums) in float32, which XLA:CPU runs 3-4x faster than in bfloat16 and which is
     the usual mixed-precision recipe; the next matmul casts its input back to `dtype`.
+    In the backward pass the float32 cotangent is rounded to `dtype` before the two transposed
+    products (`mixed_dot_general`), so they run on the same bfloat16 kernels instead of as
+    float32 x bfloat16 products at the float32 rate.
     """
     if jnp.dtype(dtype) == jnp.float32:
         return jax.lax.dot_general
 
     def f32_result(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, **kwargs: Any):
-        kwargs["preferred_element_type"] = jnp.float32
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+        del kwargs  # precision: these products always take the operands' own precision
+        return mixed_dot_general(lhs, rhs, _hashable(dimension_numbers))
 
     return f32_result
+
+
+def _hashable(dimension_numbers: Any) -> tuple:
+    (lc, rc), (lb, rb) = dimension_numbers
+    return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+def _einsum_subscripts(lhs_ndim: int, rhs_ndim: int, dimension_numbers: tuple) -> tuple[str, ...]:
+    """Einsum subscripts (lhs, rhs, out) of `lax.dot_general(lhs, rhs, dimension_numbers)`."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    lhs = [next(letters) for _ in range(lhs_ndim)]
+    rhs = [next(letters) for _ in range(rhs_ndim)]
+    for i, j in zip((*lc, *lb), (*rc, *rb), strict=True):
+        rhs[j] = lhs[i]
+    out = [lhs[i] for i in lb]
+    out += [lhs[i] for i in range(lhs_ndim) if i not in (*lc, *lb)]
+    out += [rhs[j] for j in range(rhs_ndim) if j not in (*rc, *rb)]
+    return "".join(lhs), "".join(rhs), "".join(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple) -> jax.Array:
+    """`lax.dot_general` of two low-precision operands with a float32 result, whose backward pass
+    rounds the cotangent to the operands' dtype (the cotangent of a bfloat16 activation, as on TPU)
+    and computes both transposed products the same way: low-precision operands, float32 result, then
+    cast to each operand's dtype. `dimension_numbers` as for `lax.dot_general`, as nested tuples."""
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _mixed_dot_fwd(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple):
+    return mixed_dot_general(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _mixed_dot_bwd(dimension_numbers: tuple, residuals: tuple, g: jax.Array):
+    lhs, rhs = residuals
+    ls, rs, out = _einsum_subscripts(lhs.ndim, rhs.ndim, dimension_numbers)
+    g = g.astype(lhs.dtype)
+    f32 = jnp.float32
+    d_lhs = jnp.einsum(f"{out},{rs}->{ls}", g, rhs, preferred_element_type=f32)
+    d_rhs = jnp.einsum(f"{out},{ls}->{rs}", g, lhs, preferred_element_type=f32)
+    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+mixed_dot_general.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 def use_fused_attention() -> bool:
@@ -101,11 +149,10 @@ class PatchEmbedding(nn.Module):
         gh, gw = h // ph, w // pw
         patches = x.reshape(n, gh, ph, gw, pw, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(n, gh, gw, ph * pw * c).astype(self.dtype)
-        y = jnp.einsum(
-            "nhwk,kd->nhwd",
+        y = dot_general(self.dtype)(
             patches,
             kernel.reshape(ph * pw * c, self.features).astype(self.dtype),
-            preferred_element_type=jnp.float32,
+            (((3,), (0,)), ((), ())),
         )
         return y + bias.astype(jnp.float32)
 
@@ -184,17 +231,14 @@ class MultiHeadDotProductAttention(nn.Module):
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
             q = q / np.sqrt(head_dim).astype(q.dtype)
             q, k, v = (jnp.swapaxes(t, -3, -2).astype(self.dtype) for t in (q, k, v))
-            logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+            dot = dot_general(self.dtype)
+            batch = tuple(range(q.ndim - 2))  # (N, heads)
+            logits = dot(q, k, (((q.ndim - 1,), (q.ndim - 1,)), (batch, batch)))  # qd,kd->qk
             weights = jax.nn.softmax(logits, axis=-1)
             if keep_weights:
                 self.sow("intermediates", "attention_weights", weights)
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=not use_dropout, rng=rng)
-            y = jnp.einsum(
-                "...qk,...kd->...qd",
-                weights.astype(self.dtype),
-                v,
-                preferred_element_type=jnp.float32,
-            )
+            y = dot(weights.astype(self.dtype), v, (((q.ndim - 1,), (q.ndim - 2,)), (batch, batch)))
             out_axes = (-3, -1)  # (N, heads, L, head_dim): contract heads and head_dim
 
         return nn.DenseGeneral(
