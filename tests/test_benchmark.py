@@ -32,6 +32,13 @@ def test_cpu_blocks_are_reported():
         assert r["micro_batches"] == 2 and r["img_s"] > 0
 
 
+def test_bad_model_or_image_size_gets_one_line():
+    with pytest.raises(SystemExit, match=r"^error: unknown model 'ViT-X'; known models: testing"):
+        benchmark.main(["--model", "ViT-X"])
+    with pytest.raises(SystemExit, match=r"^error: image size 30x30 is not divisible by the patch"):
+        benchmark.main(["--model", "testing", "--image_size", "30"])
+
+
 def test_cli_json_and_input_mode(capsys):
     benchmark.main(
         ["--model", "testing", "--image_size", "32", "--batch", "4", "--steps", "2", "--json"]

@@ -258,10 +258,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    r = run(
-        args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
-        remat=args.remat, shard_params=args.shard_params, cpu_block_tokens=args.cpu_block_tokens,
-    )  # fmt: skip
+    try:
+        r = run(
+            args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
+            remat=args.remat, shard_params=args.shard_params,
+            cpu_block_tokens=args.cpu_block_tokens,
+        )  # fmt: skip
+    except ValueError as e:  # an unknown model, an image size the patch size does not divide
+        raise SystemExit(f"error: {e}") from None
     if args.json:
         print(json.dumps(r))
         if "error" in r:
