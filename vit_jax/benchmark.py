@@ -136,9 +136,9 @@ def run(
         # Inference keeps the weights in the compute dtype, as a deployment would (no per-call casts).
         params = jax.tree.map(lambda p: p.astype(model.dtype), params)
         max_tokens = parallel.CPU_BLOCK_TOKENS if cpu_block_tokens is None else cpu_block_tokens
-        devices = jax.device_count()
-        result["micro_batches"] = parallel.model_blocks(model, images.shape, devices, max_tokens)
-        forward = jax.jit(lambda p, x: parallel.apply_in_blocks(model, p, x, devices, max_tokens))
+        n_dev = jax.device_count()
+        result["micro_batches"] = parallel.model_blocks(model, images.shape, n_dev, max_tokens)
+        forward = jax.jit(lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens))
         compile_s, times = _time(lambda: forward(params, images), steps)
         flops_factor = 1
     elif mode == "train":
