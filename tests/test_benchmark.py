@@ -39,6 +39,17 @@ def test_bad_model_or_image_size_gets_one_line():
         benchmark.main(["--model", "testing", "--image_size", "30"])
 
 
+def test_bad_numbers_are_refused():
+    for option, value in (("--batch", "0"), ("--steps", "0"), ("--cpu_block_tokens", "-1")):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main(["--model", "testing", option, value])
+        assert e.value.code == 2  # argparse's usage error, before anything is built
+    with pytest.raises(
+        ValueError, match=r"batch=0, steps=1, image_size=32: each must be at least 1"
+    ):
+        benchmark.run("testing", 32, 0, "infer", steps=1)
+
+
 def test_cli_json_and_input_mode(capsys):
     benchmark.main(
         ["--model", "testing", "--image_size", "32", "--batch", "4", "--steps", "2", "--json"]

@@ -348,6 +348,12 @@ def test_bad_configuration_errors(build, message):
     assert message in str(e.value)
 
 
+def test_image_size_must_be_positive():
+    assert models.image_hw(32) == (32, 32) and models.image_hw([48, 64]) == (48, 64)
+    with pytest.raises(ValueError, match=r"image size 0x32: height and width must be positive"):
+        models.get_model("testing", num_classes=2).grid_size((0, 32))
+
+
 def test_image_not_divisible_by_patch_size():
     model = models.get_model("testing", num_classes=2)
     with pytest.raises(

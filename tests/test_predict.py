@@ -90,6 +90,23 @@ def test_imagenet_labels_ship_with_the_package():
     )
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--top_k", "0", "argument --top_k: 0 must be at least 1"),
+        ("--batch", "0", "argument --batch: 0 must be at least 1"),
+        ("--image_size", "-32", "argument --image_size: -32 must be at least 1"),
+        ("--image_size", "big", "argument --image_size: 'big' is not an integer"),
+    ],
+)
+def test_bad_numbers_are_usage_errors(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(tmp_path), "--checkpoint", str(tmp_path / "m.npz"), option, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].endswith(f"error: {message}") and "Traceback" not in err
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         predict.main(

@@ -289,6 +289,39 @@ def test_bad_batch_is_a_clear_error():
         train.validate(tiny_config(batch=12, accum_steps=2), 8)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model": "ViT-X_99"}, "unknown model 'ViT-X_99'; known models: testing"),
+        ({"batch": 0}, r"^batch=0 must be > 0$"),
+        ({"batch": -4}, r"^batch=-4 must be > 0$"),  # checked before divisibility by accum_steps
+        ({"batch_eval": 0}, r"^batch_eval=0 must be > 0$"),
+        ({"base_lr": -0.1}, r"^base_lr=-0.1 must be >= 0$"),
+        ({"warmup_steps": -1}, r"^warmup_steps=-1 must be >= 0$"),
+        ({"total_steps": 0}, r"^total_steps=0 must be > 0$"),
+        ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),
+        ({"image_size": 0}, r"^image_size=0: use a positive number of pixels"),
+    ],
+)
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(train.TrainingError, match=message):
+        train.validate(tiny_config(**overrides), 1)
+
+
+def test_bad_model_settings_stop_before_the_run_directory_exists(tmp_path):
+    # Errors the model raises (patch size, an unknown override) arrive as one TrainingError, and
+    # nothing is written for a run that never started.
+    with pytest.raises(
+        train.TrainingError, match=r"^image size 10x10 is not divisible by the patch"
+    ):
+        train.train_and_evaluate(tiny_config(image_size=10), str(tmp_path / "a"))
+    config = tiny_config()
+    config.model_overrides = {**config.model_overrides.to_dict(), "heads": 2}
+    with pytest.raises(train.TrainingError, match=r"unknown model option\(s\) \['heads'\]"):
+        train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert os.listdir(tmp_path) == []
+
+
 def _cli(*args, cwd=REPO):
     return subprocess.run(
         [sys.executable, "-m", "vit_jax.train", *args],

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import prog
+from vit_jax.commands import nonnegative_int, positive_int, prog
 
 
 def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -107,8 +107,15 @@ def run(
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "remat": remat, "shard_params": shard_params,
     }  # fmt: skip
+    if batch < 1 or steps < 1 or image_size < 1:
+        raise ValueError(
+            f"batch={batch}, steps={steps}, image_size={image_size}: each must be at least 1"
+        )
     if mode == "input":
         return {**result, **_input_throughput(image_size, batch, steps)}
+    if batch % jax.device_count():
+        n = jax.device_count()
+        raise ValueError(f"batch {batch} does not divide over {n} devices: use a multiple of {n}")
 
     from vit_jax import models, parallel, summary, train
 
@@ -236,11 +243,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog=prog("vit_jax.benchmark"), description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", default="ViT-B_16")
-    parser.add_argument("--image_size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--image_size", type=positive_int, default=224)
+    parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--mode", choices=["infer", "train", "input"], default="infer")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps after compile + warm-up")
+    parser.add_argument(
+        "--steps", type=positive_int, default=10, help="timed steps after compile + warm-up"
+    )
     parser.add_argument(
         "--remat", action="store_true", help="train: recompute encoder blocks in the backward pass"
     )
@@ -251,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--cpu_block_tokens",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="CPU: run the batch in blocks of at most this many tokens per device, one after "
         "another (0 = the whole batch at once; default 1024)",

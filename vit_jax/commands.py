@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -20,6 +21,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "vit-benchmark": ("vit_jax.benchmark", "img/s and % of the matmul peak on this machine"),
     "vit-summary": ("vit_jax.summary", "per-module parameter table and GFLOPs of a model"),
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a one-line usage error)."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+    return value
 
 
 def prog(module: str) -> str:

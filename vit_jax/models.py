@@ -108,11 +108,14 @@ def use_fused_attention() -> bool:
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """(H, W) from an image size given as an int (square) or an (H, W) pair."""
+    """(H, W) from an image size given as an int (square) or an (H, W) pair; ValueError if not > 0."""
     if isinstance(image_size, int):
-        return image_size, image_size
-    h, w = image_size
-    return int(h), int(w)
+        h = w = image_size
+    else:
+        h, w = (int(x) for x in image_size)
+    if h < 1 or w < 1:
+        raise ValueError(f"image size {h}x{w}: height and width must be positive")
+    return h, w
 
 
 class AddPositionEmbs(nn.Module):

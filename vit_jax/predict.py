@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import prog
+from vit_jax.commands import positive_int, prog
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -160,7 +160,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir", help="a vit_jax.train run directory (its model.npz and class names)"
     )
-    parser.add_argument("--image_size", type=int, help="resolution (default: the checkpoint's)")
+    parser.add_argument(
+        "--image_size", type=positive_int, help="resolution (default: the checkpoint's)"
+    )
 
 
 def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
@@ -188,9 +190,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="'imagenet2012' or a file with one label per line "
         "(default: ImageNet names for 1000 classes, a run's classes, else indices)",
     )
-    parser.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
     parser.add_argument(
-        "--batch", type=int, default=32, help="images per forward pass (default 32)"
+        "--top_k", type=positive_int, default=5, help="labels per image (default 5)"
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=32, help="images per forward pass (default 32)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)

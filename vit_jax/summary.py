@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.commands import prog
+from vit_jax.commands import nonnegative_int, positive_int, prog
 from vit_jax.models import VisionTransformer, get_model, image_hw, param_shapes
 from vit_jax.variants import VARIANTS
 
@@ -109,10 +109,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"model name, one of: {', '.join(VARIANTS)}",
     )
     parser.add_argument(
-        "--image_size", type=int, nargs="+", default=[224], help="H [W] in pixels (default 224)"
+        "--image_size",
+        type=positive_int,
+        nargs="+",
+        default=[224],
+        help="H [W] in pixels (default 224)",
     )
     parser.add_argument(
-        "--num_classes", type=int, default=1000, help="classes of the head; 0 leaves the head out"
+        "--num_classes",
+        type=nonnegative_int,
+        default=1000,
+        help="classes of the head; 0 leaves the head out",
     )
     args = parser.parse_args(argv)
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size[:2])

@@ -110,7 +110,20 @@ def preset(dataset: str, arg: str | None = None, **overrides: Any) -> ml_collect
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises TrainingError naming the bad value."""
+    image_size = config.image_size
+    sizes = [image_size] if isinstance(image_size, int) else list(image_size)
     checks = [
+        (
+            config.model in models.VARIANTS,
+            f"unknown model {config.model!r}; known models: {', '.join(models.VARIANTS)}",
+        ),
+        (
+            all(isinstance(s, int) and s > 0 for s in sizes) and len(sizes) in (1, 2),
+            f"image_size={image_size!r}: use a positive number of pixels, or (height, width)",
+        ),
+        (config.batch > 0, f"batch={config.batch} must be > 0"),
+        (config.batch_eval > 0, f"batch_eval={config.batch_eval} must be > 0"),
+        (config.base_lr >= 0, f"base_lr={config.base_lr} must be >= 0"),
         (
             config.decay_type in ("cosine", "linear"),
             f"decay_type={config.decay_type!r}: use cosine or linear",
@@ -142,7 +155,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
             config.batch_eval % num_devices == 0,
             f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
         ),
-        (config.total_steps > 0 and config.warmup_steps >= 0, "total_steps must be > 0"),
+        (config.total_steps > 0, f"total_steps={config.total_steps} must be > 0"),
+        (config.warmup_steps >= 0, f"warmup_steps={config.warmup_steps} must be >= 0"),
         (
             config.keep_best in ("", "accuracy", "loss"),
             f"keep_best={config.keep_best!r}: use accuracy or loss",
@@ -506,18 +520,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = data_mesh(devices)
     data_sharding = NamedSharding(mesh, P("data"))
     workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
 
     info = input_pipeline.get_info(config)
     overrides = config.model_overrides.to_dict()
-    model = models.get_model(
-        config.model,
-        num_classes=info.num_classes,
-        dtype=jnp.dtype(config.dtype),
-        **{"remat": config.remat, **overrides},
-    )
-    hw = models.image_hw(config.image_size)
-    grid = model.grid_size(hw)
+    try:  # an unknown model_overrides field, an image size the patch size does not divide
+        model = models.get_model(
+            config.model,
+            num_classes=info.num_classes,
+            dtype=jnp.dtype(config.dtype),
+            **{"remat": config.remat, **overrides},
+        )
+        hw = models.image_hw(config.image_size)
+        grid = model.grid_size(hw)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    os.makedirs(workdir, exist_ok=True)  # only once the configuration has been checked
     tx = make_optimizer(config)
 
     def init_params(key):

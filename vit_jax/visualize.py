@@ -19,7 +19,7 @@ import numpy as np
 
 from vit_jax import predict
 from vit_jax.checkpoint import square_grid
-from vit_jax.commands import prog
+from vit_jax.commands import positive_int, prog
 
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
@@ -165,16 +165,14 @@ def figures_main(argv: Sequence[str]) -> None:
         "(default: the embedded digits test images)",
     )
     parser.add_argument(
-        "--num_images", type=int, default=32, help="at most this many images (default 32)"
+        "--num_images", type=positive_int, default=32, help="at most this many images (default 32)"
     )
     parser.add_argument(
         "--image", help="the image for the patch grid and the top-k chart (default: the first)"
     )
     parser.add_argument("--labels", help="as for vit_jax.predict (default: ImageNet / the run's)")
-    parser.add_argument("--top_k", type=int, default=5)
+    parser.add_argument("--top_k", type=positive_int, default=5)
     args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error("--num_images must be at least 1")
 
     model, params = predict.load_model_from_args(parser, args)
     size = predict.input_size(model, params)
