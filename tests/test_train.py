@@ -293,12 +293,20 @@ def test_bad_batch_is_a_clear_error():
     "overrides, message",
     [
         ({"model": "ViT-X_99"}, "unknown model 'ViT-X_99'; known models: testing"),
-        ({"batch": 0}, r"^batch=0 must be > 0$"),
-        ({"batch": -4}, r"^batch=-4 must be > 0$"),  # checked before divisibility by accum_steps
-        ({"batch_eval": 0}, r"^batch_eval=0 must be > 0$"),
+        ({"batch": 0}, r"^batch=0 must be >= 1$"),
+        ({"batch": -4}, r"^batch=-4 must be >= 1$"),  # checked before divisibility by accum_steps
+        ({"batch_eval": 0}, r"^batch_eval=0 must be >= 1$"),
+        ({"accum_steps": 0}, r"^accum_steps=0 must be >= 1$"),  # not a ZeroDivisionError
+        ({"total_steps": 0}, r"^total_steps=0 must be >= 1$"),
+        ({"eval_every": 0}, r"^eval_every=0 must be >= 1$"),
+        ({"checkpoint_every": 0}, r"^checkpoint_every=0 must be >= 1$"),
+        ({"shuffle_buffer": 0}, r"^shuffle_buffer=0 must be >= 1$"),
         ({"base_lr": -0.1}, r"^base_lr=-0.1 must be >= 0$"),
         ({"warmup_steps": -1}, r"^warmup_steps=-1 must be >= 0$"),
-        ({"total_steps": 0}, r"^total_steps=0 must be > 0$"),
+        ({"weight_decay": -1.0}, r"^weight_decay=-1.0 must be >= 0$"),
+        ({"grad_norm_clip": -1.0}, r"^grad_norm_clip=-1.0 must be >= 0 \(0 = off\)$"),
+        ({"momentum": 1.0}, r"^momentum=1.0 must be in \[0, 1\)$"),
+        ({"crop_area": (0.5, 0.2)}, r"^crop_area=\(0.5, 0.2\): use 0 < min <= max <= 1$"),
         ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),
         ({"image_size": 0}, r"^image_size=0: use a positive number of pixels"),
     ],
@@ -376,7 +384,17 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     assert "--from_scratch" in missing.stderr and "Traceback" not in missing.stderr
 
     unknown = _cli("--config", "configs/digits.py", "--config.no_such_key=1", *common)
-    assert unknown.returncode != 0 and "no_such_key" in unknown.stderr
+    assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
+        "error: --config.no_such_key: the config has no field 'no_such_key'. "
+        "(train.default_config() lists every field, with its meaning)"
+    ]
+    typo = _cli("--config", "configs/digits.py", "--config.model_overrides.hiden_size=3")
+    assert typo.returncode == 2 and "Traceback" not in typo.stderr
+    assert typo.stderr.startswith("error: --config.model_overrides.hiden_size: the config has no ")
+    assert 'Did you mean "hidden_size"' in typo.stderr
+    # --config.KEY works without a --config file (it then overrides train.default_config()).
+    no_file = _cli("--config.log_every=0", *common)
+    assert no_file.returncode == 2 and no_file.stderr == "error: log_every=0 must be >= 1\n"
 
     helptext = _cli("--help")
     for flag in ("--accum_steps", "--vit_pretrained_dir", "--decay_type", "--tfds_manual_dir"):

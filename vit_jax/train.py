@@ -109,66 +109,71 @@ def preset(dataset: str, arg: str | None = None, **overrides: Any) -> ml_collect
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raises TrainingError naming the bad value."""
-    image_size = config.image_size
-    sizes = [image_size] if isinstance(image_size, int) else list(image_size)
-    checks = [
-        (
-            config.model in models.VARIANTS,
-            f"unknown model {config.model!r}; known models: {', '.join(models.VARIANTS)}",
-        ),
-        (
-            all(isinstance(s, int) and s > 0 for s in sizes) and len(sizes) in (1, 2),
-            f"image_size={image_size!r}: use a positive number of pixels, or (height, width)",
-        ),
-        (config.batch > 0, f"batch={config.batch} must be > 0"),
-        (config.batch_eval > 0, f"batch_eval={config.batch_eval} must be > 0"),
-        (config.base_lr >= 0, f"base_lr={config.base_lr} must be >= 0"),
-        (
-            config.decay_type in ("cosine", "linear"),
-            f"decay_type={config.decay_type!r}: use cosine or linear",
-        ),
-        (config.optimizer in ("sgd", "adamw"), f"optimizer={config.optimizer!r}: use sgd or adamw"),
-        (
-            config.dtype in ("float32", "bfloat16"),
-            f"dtype={config.dtype!r}: use float32 or bfloat16",
-        ),
-        (
-            config.momentum_dtype in ("float32", "bfloat16"),
-            f"momentum_dtype={config.momentum_dtype!r}",
-        ),
-        (config.accum_steps >= 1, f"accum_steps={config.accum_steps} must be >= 1"),
-        (
-            config.cpu_block_tokens >= 0,
-            f"cpu_block_tokens={config.cpu_block_tokens} must be >= 0 (0 turns blocking off)",
-        ),
-        (
-            config.batch % config.accum_steps == 0,
-            f"batch {config.batch} is not divisible by accum_steps={config.accum_steps}",
-        ),
-        (
-            (config.batch // config.accum_steps) % num_devices == 0,
-            f"micro-batch {config.batch // config.accum_steps} (batch {config.batch} / accum_steps "
-            f"{config.accum_steps}) is not divisible by {num_devices} devices; choose a batch that is",
-        ),
-        (
-            config.batch_eval % num_devices == 0,
-            f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
-        ),
-        (config.total_steps > 0, f"total_steps={config.total_steps} must be > 0"),
-        (config.warmup_steps >= 0, f"warmup_steps={config.warmup_steps} must be >= 0"),
-        (
-            config.keep_best in ("", "accuracy", "loss"),
-            f"keep_best={config.keep_best!r}: use accuracy or loss",
-        ),
-        (
-            config.early_stop_patience >= 0,
-            f"early_stop_patience={config.early_stop_patience} must be >= 0",
-        ),
-    ]
-    for ok, message in checks:
+    """Raises TrainingError naming the first bad value (checked in order, so each check may rely on
+    the ones before it, e.g. divisibility on accum_steps >= 1)."""
+
+    def require(ok: bool, message: str) -> None:
         if not ok:
             raise TrainingError(message)
+
+    require(
+        config.model in models.VARIANTS,
+        f"unknown model {config.model!r}; known models: {', '.join(models.VARIANTS)}",
+    )
+    size = config.image_size
+    sizes = [size] if isinstance(size, int) else list(size)
+    require(
+        len(sizes) in (1, 2) and all(isinstance(s, int) and s > 0 for s in sizes),
+        f"image_size={size!r}: use a positive number of pixels, or (height, width)",
+    )
+    lo, hi = config.crop_area
+    require(0 < lo <= hi <= 1, f"crop_area={tuple(config.crop_area)}: use 0 < min <= max <= 1")
+    for name in ("batch", "batch_eval", "accum_steps", "total_steps", "shuffle_buffer"):
+        require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+    for name in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        require(config[name] >= 1, f"{name}={config[name]} must be >= 1")
+    for name in ("warmup_steps", "base_lr", "weight_decay", "early_stop_patience"):
+        require(config[name] >= 0, f"{name}={config[name]} must be >= 0")
+    require(
+        config.grad_norm_clip >= 0, f"grad_norm_clip={config.grad_norm_clip} must be >= 0 (0 = off)"
+    )
+    require(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1)")
+    require(
+        config.cpu_block_tokens >= 0,
+        f"cpu_block_tokens={config.cpu_block_tokens} must be >= 0 (0 turns blocking off)",
+    )
+    require(
+        config.decay_type in ("cosine", "linear"),
+        f"decay_type={config.decay_type!r}: use cosine or linear",
+    )
+    require(
+        config.optimizer in ("sgd", "adamw"), f"optimizer={config.optimizer!r}: use sgd or adamw"
+    )
+    require(
+        config.dtype in ("float32", "bfloat16"), f"dtype={config.dtype!r}: use float32 or bfloat16"
+    )
+    require(
+        config.momentum_dtype in ("float32", "bfloat16"),
+        f"momentum_dtype={config.momentum_dtype!r}: use float32 or bfloat16",
+    )
+    require(
+        config.keep_best in ("", "accuracy", "loss"),
+        f"keep_best={config.keep_best!r}: use accuracy or loss",
+    )
+    require(
+        config.batch % config.accum_steps == 0,
+        f"batch {config.batch} is not divisible by accum_steps={config.accum_steps}",
+    )
+    micro = config.batch // config.accum_steps
+    require(
+        micro % num_devices == 0,
+        f"micro-batch {micro} (batch {config.batch} / accum_steps {config.accum_steps}) is not "
+        f"divisible by {num_devices} devices; choose a batch that is",
+    )
+    require(
+        config.batch_eval % num_devices == 0,
+        f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
+    )
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -823,8 +828,9 @@ def _define_flags():
     f = flags
     config_flags.DEFINE_config_file(
         "config",
-        None,
-        "A config file configs/X.py[:arg]; then --config.KEY=VALUE overrides any field.",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaults.py"),
+        "A config file configs/X.py[:arg] (default: train.default_config()); "
+        "--config.KEY=VALUE overrides any field.",
     )
     f.DEFINE_string("model", None, f"Model name, e.g. ViT-B_16 (default {d.model}).")
     f.DEFINE_string(
@@ -975,7 +981,17 @@ def run_directory(logdir: str, name: str | None, config: ml_collections.ConfigDi
 def main(argv: list[str] | None = None) -> None:
     from absl import app
 
-    flags_obj = _define_flags()
+    given = list(sys.argv if argv is None else argv)
+    try:
+        flags_obj = _define_flags()  # loads the default config file and applies --config.KEY to it
+    except AttributeError as e:
+        _unknown_config_field(e, given)
+
+    def parse_flags(args):  # a --config FILE gets its --config.KEY overrides here
+        try:
+            return app.parse_flags_with_usage(args)
+        except AttributeError as e:
+            _unknown_config_field(e, args)
 
     def _main(args):
         from absl import logging
@@ -1004,7 +1020,27 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(_main, argv=argv)
+    app.run(_main, argv=argv, flags_parser=parse_flags)
+
+
+def _unknown_config_field(error: AttributeError, argv: Sequence[str]) -> None:
+    """Exits with one line for a --config.KEY naming no config field (ml_collections raises an
+    AttributeError wrapping a KeyError, whose text may add 'Did you mean ...'); re-raises others."""
+    inner = error.args[0] if error.args else error
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    field, *hint = str(text).splitlines()
+    field = field.strip("\"'")
+    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = [a for a in bad if field in a.split(".")[1:]]
+    if not bad:
+        raise error
+    hint = "".join(f" {line}" for line in hint)
+    print(
+        f"error: {bad[0]}: the config has no field {field!r}.{hint} "
+        "(train.default_config() lists every field, with its meaning)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 if __name__ == "__main__":
