@@ -3,6 +3,7 @@
 import functools
 import http.server
 import os
+import pickle
 import threading
 
 import jax
@@ -274,6 +275,17 @@ def test_pickled_objects_are_refused_and_never_run(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="pickled Python objects; refusing"):
         checkpoint.load(str(path))
     assert not marker.exists()
+
+
+def test_a_file_that_is_not_a_zip_archive_is_refused_unread(tmp_path):
+    # np.load would take a raw pickle for one and answer with advice to unpickle it.
+    marker = tmp_path / "pwned"
+    path = tmp_path / "ViT-B_16.npz"
+    path.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(str(path))
+    assert "is not an .npz checkpoint: it is not a zip archive" in str(e.value)
+    assert "allow_pickle" not in str(e.value) and not marker.exists()
 
 
 def test_truncated_file(tmp_path):

@@ -140,6 +140,12 @@ def resolve(path: str, progress: bool = True) -> str:
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """Reads every array of an `.npz` as {name: array}, refusing pickled objects."""
     local = resolve(path)
+    cached = f" (cached copy: {local})" if local != path else ""
+    if os.path.isfile(local) and not zipfile.is_zipfile(local):
+        raise CheckpointError(
+            f"{path} is not an .npz checkpoint: it is not a zip archive, as an .npz is (a download "
+            "cut short leaves such a truncated file: delete it and fetch it again)" + cached
+        )
     try:
         with np.load(local, allow_pickle=False) as npz:
             flat = {}
@@ -159,8 +165,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
             raise
         raise CheckpointError(
             f"{path} is not a readable .npz checkpoint ({type(e).__name__}: {e}); the file may be "
-            "truncated by an interrupted download: delete it and fetch it again."
-            + (f" (cached copy: {local})" if local != path else "")
+            "truncated by an interrupted download: delete it and fetch it again." + cached
         ) from None
     return flat
 
