@@ -398,3 +398,15 @@ def test_cli_inspect_and_convert(tmp_path, capsys):
         checkpoint.main(["inspect", str(tmp_path / "nope.npz")])
     assert e.value.code == 2
     assert "gs://vit_models" in capsys.readouterr().err
+    # An existing file is not replaced without --overwrite, the source itself included.
+    before = bv.read_bytes()
+    for target in (dst, bv):
+        with pytest.raises(SystemExit) as e:
+            checkpoint.main(["convert", str(bv), str(target)])
+        assert e.value.code == 2
+        assert f"error: {target} exists; choose another name, or pass --overwrite" in (
+            capsys.readouterr().err
+        )
+    assert bv.read_bytes() == before
+    checkpoint.main(["convert", str(bv), str(bv), "--overwrite"])
+    assert "layout: published" in checkpoint.inspect(str(bv))

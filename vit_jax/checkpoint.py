@@ -589,8 +589,15 @@ def inspect(path: str) -> str:
     return "\n".join(lines)
 
 
-def convert(src: str, dst: str) -> str:
-    """Any readable checkpoint (npz of a known layout, or an orbax training checkpoint) -> published npz."""
+def convert(src: str, dst: str, overwrite: bool = False) -> str:
+    """Any readable checkpoint (npz of a known layout, or an orbax training checkpoint) -> published npz.
+
+    An existing `dst` (the source itself included) is replaced only with `overwrite=True`.
+    """
+    if os.path.exists(dst) and not overwrite:
+        raise CheckpointError(
+            f"{dst} exists; choose another name, or pass --overwrite to replace it"
+        )
     params = load_orbax_params(src) if os.path.isdir(src) else load(src)
     return save(params, dst)
 
@@ -604,13 +611,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("file", help="an .npz (local path, gs:// or https://)")
     p = sub.add_parser("convert", help="write any readable checkpoint in the published npz layout")
     p.add_argument("src", help="an .npz of a known layout, or an orbax checkpoint directory")
-    p.add_argument("dst", help="the .npz to write")
+    p.add_argument("dst", help="the .npz to write (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dst")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             print(inspect(args.file))
         else:
-            print(f"wrote {convert(args.src, args.dst)}")
+            print(f"wrote {convert(args.src, args.dst, args.overwrite)}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
