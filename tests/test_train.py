@@ -95,6 +95,49 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     assert train.train_and_evaluate(config, str(tmp_path / "run2"))["num_examples"] == 6
 
 
+def test_folder_problems_are_found_before_training(tmp_path):
+    # Each would otherwise surface at the first evaluation, after the training steps before it.
+    root = _write_folder(tmp_path / "data")
+    config = tiny_config(str(root))
+    (root / "test" / "green").mkdir()
+    with pytest.raises(
+        input_pipeline.DataError, match=r"test has class folders that .*train lacks"
+    ):
+        input_pipeline.get_info(config)
+    (root / "test" / "green").rmdir()
+    for f in (root / "test" / "red").iterdir():
+        f.rename(root / "test" / "red" / f"{f.name}.txt")
+    for f in (root / "test" / "blue").iterdir():
+        f.unlink()
+    with pytest.raises(input_pipeline.DataError, match=r"^no images \(.*\) under .*test$"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    for d in (root / "test").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    (root / "test").rmdir()
+    with pytest.raises(input_pipeline.DataError, match=r"has no test/ directory"):
+        input_pipeline.get_info(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_report_counts_support_as_integers_when_predictions_miss():
+    # sklearn gives float supports when a class is never predicted right; the report formats ints.
+    mesh = parallel.data_mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    def always_class_1(params, batch):
+        return jnp.ones_like(batch["label"]), jnp.full(batch["label"].shape, 0.5)
+
+    batch = {"image": np.zeros((4, 2), np.float32), "label": np.array([0, 0, 0, 2])}
+    batch["mask"] = np.array([1, 1, 1, 0])  # the last row is padding
+    metrics = train.evaluate(always_class_1, None, iter([batch]), sharding, 3)
+    assert metrics["support"] == [3, 0, 0] and metrics["accuracy"] == 0.0
+    assert metrics["confusion_matrix"] == [[0, 3, 0], [0, 0, 0], [0, 0, 0]]
+    report = train.format_report(metrics, ["cat", "dog", "eel"])
+    assert report.splitlines()[2].split() == ["cat", "0.000", "0.000", "0.000", "3"]
+
+
 def test_preprocessing_ranges_and_grayscale_to_rgb():
     config = tiny_config(image_size=12)
     info = input_pipeline.get_info(config)

@@ -102,6 +102,17 @@ def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool)
     return files, np.asarray(labels, np.int64), bad
 
 
+def _class_dirs(split_dir: str) -> list[str]:
+    return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+
+
+def _has_image(directory: str) -> bool:
+    return any(
+        name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, name))
+        for name in os.listdir(directory)
+    )
+
+
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits: a fixed stratified 80/20 split; images uint8 (N, 8, 8, 1)."""
     from sklearn.datasets import load_digits
@@ -126,9 +137,25 @@ def get_info(config: Any) -> DatasetInfo:
             raise DataError(
                 f"image folder {root} has no train/ directory ({{train,test}}/<class>/<file>)"
             )
-        classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d)))
+        classes = _class_dirs(train)
         if not classes:
             raise DataError(f"{train} has no class sub-directories (train/<class>/<file>)")
+        # Checked now, not when the first evaluation comes after hours of training.
+        test = os.path.join(root, "test")
+        if not os.path.isdir(test):
+            raise DataError(
+                f"image folder {root} has no test/ directory ({{train,test}}/<class>/<file>)"
+            )
+        extra = [c for c in _class_dirs(test) if c not in classes]
+        if extra:
+            raise DataError(
+                f"{test} has class folders that {train} lacks ({', '.join(extra)}): a model "
+                "trained on train/'s classes cannot be scored on them; add them to train/ too, "
+                "or remove them"
+            )
+        for split in (train, test):
+            if not any(_has_image(os.path.join(split, c)) for c in _class_dirs(split)):
+                raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split}")
         return DatasetInfo(
             os.path.basename(os.path.normpath(root)), len(classes), classes, "folder"
         )

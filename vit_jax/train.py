@@ -328,9 +328,10 @@ def evaluate(eval_step, params, batches: Iterator, sharding, num_classes: int) -
         losses.append(loss[mask])
     y_pred, y_true = np.concatenate(preds), np.concatenate(labels)
     classes = list(range(num_classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
+    precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=classes, zero_division=0
     )
+    support = np.bincount(y_true, minlength=num_classes)  # sklearn's is float in some cases
     return {
         "accuracy": float(np.mean(y_pred == y_true)),
         "test_loss": float(np.mean(np.concatenate(losses))),
