@@ -95,6 +95,59 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
     assert train.train_and_evaluate(config, str(tmp_path / "run2"))["num_examples"] == 6
 
 
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer"]
+CIFAR10_NAMES += ["dog", "frog", "horse", "ship", "truck"]
+
+
+def _fake_cifar10_archive(root, per_file=2, test=6):
+    """What TFDS finds after downloading and extracting cifar-10-binary.tar.gz, in small: the
+    published binary layout (1 label byte, then 3x32x32 pixels, per record) and batches.meta.txt."""
+    rng = np.random.default_rng(0)
+    d = root / "cifar-10-batches-bin"
+    d.mkdir(parents=True)
+    (d / "batches.meta.txt").write_text("\n".join(CIFAR10_NAMES) + "\n\n")
+    files = [(f"data_batch_{i}.bin", per_file) for i in range(1, 6)] + [("test_batch.bin", test)]
+    for index, (name, n) in enumerate(files):
+        labels = (np.arange(n) + index) % 10
+        records = [np.concatenate([[y], rng.integers(0, 256, 3072)]) for y in labels]
+        (d / name).write_bytes(np.asarray(records, np.uint8).tobytes())
+    return root
+
+
+def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
+    # TFDS's real download_and_prepare, with only the fetch of the archive replaced: the code up to
+    # there must import (TFDS needs importlib_resources, which it does not declare), CIFAR-10's
+    # class names come from the download, and a failed download is one DataError before any work.
+    config = tiny_config("cifar10", tfds_data_dir=str(tmp_path / "tfds"), batch_eval=4)
+    builder = tfds.builder("cifar10", data_dir=config.tfds_data_dir)
+    assert any("cifar-10-binary" in url for url in builder.url_infos)  # checksums in TFDS
+    assert input_pipeline.get_info(config).class_names[:2] == ["0", "1"]  # not downloaded yet
+    fetched = []
+
+    def offline(self, url):
+        fetched.append(url)
+        raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", offline)
+    with pytest.raises(input_pipeline.DataError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert fetched == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert str(e.value).startswith("could not download or prepare the TFDS dataset 'cifar10' in ")
+    assert "(ConnectionError: Failed to resolve 'www.cs.toronto.edu')" in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+    archive = _fake_cifar10_archive(tmp_path / "extracted")
+    monkeypatch.setattr(
+        tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(archive)
+    )
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["num_examples"] == 6 and result["step"] == config.total_steps
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["class_names"] == CIFAR10_NAMES  # learnt from the download in this same run
+    # The test file's labels are 5, 6, 7, 8, 9, 0 ((row + file index 5) mod 10).
+    assert result["support"] == [1, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+
 def test_folder_problems_are_found_before_training(tmp_path):
     # Each would otherwise surface at the first evaluation, after the training steps before it.
     root = _write_folder(tmp_path / "data")

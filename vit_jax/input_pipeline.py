@@ -126,8 +126,13 @@ def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (x_train, y_train) if split == "train" else (x_test, y_test)
 
 
-def get_info(config: Any) -> DatasetInfo:
-    """Number and names of classes, and where the data comes from."""
+def get_info(config: Any, download: bool = False) -> DatasetInfo:
+    """Number and names of classes, and where the data comes from.
+
+    `download=True` first downloads and prepares a TFDS dataset (once; later calls find it ready):
+    some (CIFAR) learn their class names from the download, and a failed download is then one
+    DataError before any other work.
+    """
     if config.dataset == "digits":
         return DatasetInfo("digits", 10, [str(i) for i in range(10)], "digits")
     if os.path.isdir(config.dataset):
@@ -168,9 +173,29 @@ def get_info(config: Any) -> DatasetInfo:
             f"unknown dataset {config.dataset!r}: not a TFDS dataset name, an image folder with "
             f"train/ and test/, or 'digits' ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
+    if download:
+        _download_and_prepare(builder, config)  # sets CIFAR's names on this builder's info
     label = builder.info.features["label"]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     return DatasetInfo(config.dataset, label.num_classes, names, "tfds")
+
+
+def _download_and_prepare(builder: Any, config: Any) -> None:
+    """TFDS's download_and_prepare (a no-op once the data is ready); failures become one DataError."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
+        )
+    except Exception as e:  # network errors, a missing manual download, a full disk, ...
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise DataError(
+            f"could not download or prepare the TFDS dataset {config.dataset!r} in "
+            f"{builder.data_dir} ({type(e).__name__}: {reason}). Check the network connection and "
+            "the free disk space; a dataset that must be fetched by hand (e.g. imagenet2012) goes "
+            "in --tfds_manual_dir, and one prepared elsewhere is found with --tfds_data_dir."
+        ) from None
 
 
 def _raw_dataset(config: Any, info: DatasetInfo, split: str, train: bool):
@@ -191,9 +216,7 @@ def _raw_dataset(config: Any, info: DatasetInfo, split: str, train: bool):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(config.dataset, data_dir=config.tfds_data_dir or None)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
-    )
+    _download_and_prepare(builder, config)
     ds = builder.as_dataset(
         split=train_split if train else test_split,
         decoders={"image": tfds.decode.SkipDecoding()},

@@ -527,7 +527,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_sharding = NamedSharding(mesh, P("data"))
     workdir = os.path.abspath(workdir)
 
-    info = input_pipeline.get_info(config)
+    info = input_pipeline.get_info(config, download=True)
     overrides = config.model_overrides.to_dict()
     try:  # an unknown model_overrides field, an image size the patch size does not divide
         model = models.get_model(
