@@ -377,6 +377,52 @@ def test_http_download_progress_and_cache(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, first, params)
 
 
+class _CutShort(http.server.BaseHTTPRequestHandler):
+    """Promises 1000 bytes of /half.npz and sends 12; answers 404 for anything else."""
+
+    def do_GET(self):
+        if self.path != "/half.npz":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"PK\x03\x04 partial")
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_failed_downloads_are_one_error_and_leave_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(checkpoint.CheckpointError) as cut:
+            checkpoint.load(f"{base}/half.npz")
+        with pytest.raises(checkpoint.CheckpointError) as missing:
+            checkpoint.load(f"{base}/ViT-B_16.npz")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(cut.value).startswith(f"could not download {base}/half.npz (")
+    assert "closed after 12 of 1000 bytes" in str(cut.value) or "IncompleteRead" in str(cut.value)
+    assert "(HTTPError: HTTP Error 404: Not Found)" in str(missing.value)
+    assert os.listdir(tmp_path / "cache") == []  # no partial file, no cached half
+
+    import tensorflow as tf
+
+    def unreachable(path):
+        raise tf.errors.FailedPreconditionError(None, None, "Could not resolve host: googleapis")
+
+    monkeypatch.setattr(tf.io.gfile, "exists", unreachable)
+    with pytest.raises(checkpoint.CheckpointError) as gs:
+        checkpoint.load("gs://vit_models/imagenet21k/ViT-B_16.npz")
+    assert "(FailedPreconditionError: Could not resolve host: googleapis)" in str(gs.value)
+
+
 def test_cli_inspect_and_convert(tmp_path, capsys):
     model = models.get_model("testing", num_classes=5)
     params = _random_params(model, 32)

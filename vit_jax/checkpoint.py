@@ -83,8 +83,6 @@ def _cached_name(url: str) -> str:
 
 def _download(url: str, progress: bool = True) -> str:
     """Copies a gs:// or http(s):// file into the cache once (atomically) and returns the local path."""
-    import tqdm
-
     local = _cached_name(url)
     if os.path.exists(local):
         return local
@@ -92,39 +90,47 @@ def _download(url: str, progress: bool = True) -> str:
     fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as out:
-            if url.startswith("gs://"):
-                from tensorflow.io import gfile  # only for gs://
-
-                if not gfile.exists(url):
-                    raise CheckpointError(f"checkpoint {url} not found. {PUBLISHED_HELP}")
-                size = gfile.stat(url).length
-                reader = gfile.GFile(url, "rb")
-            else:
-                try:
-                    reader = urllib.request.urlopen(url, timeout=60)
-                except OSError as e:
-                    raise CheckpointError(
-                        f"could not download {url}: {e}. {PUBLISHED_HELP}"
-                    ) from None
-                size = int(reader.headers.get("Content-Length") or 0) or None
-            with (
-                reader,
-                tqdm.tqdm(
-                    total=size,
-                    unit="B",
-                    unit_scale=True,
-                    desc=os.path.basename(url),
-                    disable=not progress,
-                ) as bar,
-            ):
-                while chunk := reader.read(8 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
+            try:
+                _copy_url(url, out, progress)
+            except CheckpointError:
+                raise
+            except Exception as e:  # OSError/HTTPException (https), tf.errors.OpError (gs://)
+                reason = (str(e).strip().splitlines() or [""])[0]
+                raise CheckpointError(
+                    f"could not download {url} ({type(e).__name__}: {reason}); nothing was kept, "
+                    f"so running again starts over. {PUBLISHED_HELP}"
+                ) from None
         os.replace(tmp, local)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return local
+
+
+def _copy_url(url: str, out: Any, progress: bool) -> None:
+    import tqdm
+
+    if url.startswith("gs://"):
+        from tensorflow.io import gfile  # only for gs://
+
+        if not gfile.exists(url):
+            raise CheckpointError(f"checkpoint {url} not found. {PUBLISHED_HELP}")
+        size = gfile.stat(url).length
+        reader = gfile.GFile(url, "rb")
+    else:
+        reader = urllib.request.urlopen(url, timeout=60)
+        size = int(reader.headers.get("Content-Length") or 0) or None
+    with (
+        reader,
+        tqdm.tqdm(
+            total=size, unit="B", unit_scale=True, desc=os.path.basename(url), disable=not progress
+        ) as bar,
+    ):
+        while chunk := reader.read(8 << 20):
+            out.write(chunk)
+            bar.update(len(chunk))
+        if size is not None and bar.n != size:
+            raise OSError(f"the connection closed after {bar.n} of {size} bytes")
 
 
 def resolve(path: str, progress: bool = True) -> str:
