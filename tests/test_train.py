@@ -329,6 +329,24 @@ def kill_after_5_batches(monkeypatch):
     return real
 
 
+def test_resuming_with_other_settings_is_refused_and_keeps_the_run(tmp_path):
+    run = str(tmp_path / "run")
+    config = tiny_config(total_steps=2, checkpoint_every=2, eval_every=2)
+    train.train_and_evaluate(config, run)
+    config.total_steps = 4
+    bigger = tiny_config(total_steps=4, image_size=12)  # 3x3 patches instead of 2x2
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(bigger, run)
+    assert str(e.value).startswith(f"{run} holds the checkpoint of a run with other settings")
+    assert "params/Transformer/posembed_input/pos_embedding: saved (1, 5, 16), now (1, 10, 16)" in (
+        str(e.value)
+    )
+    with pytest.raises(train.TrainingError, match=r"\(step 2: the saved state holds other arrays"):
+        train.train_and_evaluate(tiny_config(total_steps=4, optimizer="adamw"), run)
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["2"]
+    assert train.train_and_evaluate(config, run)["step"] == 4  # the run itself resumes as before
+
+
 def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     config = tiny_config(total_steps=8, checkpoint_every=3, eval_every=8)
     config.model_overrides["dropout_rate"] = 0.1

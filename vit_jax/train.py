@@ -509,6 +509,30 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
+def _check_resumable(state_dir: str, target: Any) -> None:
+    """ValueError naming the first arrays whose saved shapes (or presence) differ from `target`'s,
+    read from the checkpoint's metadata before orbax starts reading any array."""
+    import orbax.checkpoint as ocp
+
+    def names(tree: Any) -> dict[str, tuple[int, ...]]:
+        def key(k: Any) -> str:
+            return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {"/".join(key(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+    import pathlib
+
+    saved = names(ocp.StandardCheckpointHandler().metadata(pathlib.Path(state_dir)))
+    wanted = names(target)
+    if set(saved) != set(wanted):
+        only = sorted(set(saved) ^ set(wanted))[:3]
+        raise ValueError(f"the saved state holds other arrays, e.g. {', '.join(only)}")
+    differ = [f"{k}: saved {saved[k]}, now {wanted[k]}" for k in wanted if saved[k] != wanted[k]]
+    if differ:
+        raise ValueError("; ".join(differ[:3]))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes (or trains from scratch) and evaluates; resumes from `workdir` if it has checkpoints.
 
@@ -579,7 +603,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         items = {"state": ocp.args.StandardRestore(target)}
         if os.path.isdir(os.path.join(workdir, "checkpoints", str(start), "progress")):
             items["progress"] = ocp.args.JsonRestore()
-        restored = manager.restore(start, args=ocp.args.Composite(**items))
+        state_dir = os.path.join(workdir, "checkpoints", str(start), "state")
+        try:
+            _check_resumable(state_dir, target)
+            restored = manager.restore(start, args=ocp.args.Composite(**items))
+        except ValueError as e:  # other shapes or another optimizer's state
+            reason = (str(e).strip().splitlines() or [""])[0]
+            raise TrainingError(
+                f"{workdir} holds the checkpoint of a run with other settings (step {start}: "
+                f"{reason}); a run resumes only with the model, image size and optimizer it "
+                "started with. Give a new run its own --name (a run directory is reused when "
+                "--name is left out and an unfinished run of the same model and dataset exists)."
+            ) from None
         state = restored["state"]
         progress = Progress(config, restored.get("progress"))
         log(f"resumed from {workdir}/checkpoints/{start}")
