@@ -107,6 +107,18 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, option, value, message):
     assert err.rstrip().splitlines()[-1].endswith(f"error: {message}") and "Traceback" not in err
 
 
+def test_unfinished_run_directory_says_how_to_export(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(tmp_path), "--workdir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'run'} has no model.npz (a run writes it when it ends, unless "
+        f"export_npz is off); `python -m vit_jax.checkpoint convert {tmp_path / 'run'}/checkpoints "
+        "FILE.npz` exports its latest checkpoint, to pass as --checkpoint\n"
+    )
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         predict.main(

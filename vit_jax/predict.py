@@ -172,6 +172,19 @@ def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     path = args.checkpoint or (os.path.join(args.workdir, "model.npz") if args.workdir else None)
     if path is None:
         parser.error("give --checkpoint FILE.npz or --workdir RUN_DIR")
+    if not args.checkpoint and not os.path.exists(path):
+        checkpoints = os.path.join(args.workdir, "checkpoints")
+        hint = (
+            f"; `python -m vit_jax.checkpoint convert {checkpoints} FILE.npz` exports its latest "
+            "checkpoint, to pass as --checkpoint"
+            if os.path.isdir(checkpoints)
+            else ""
+        )
+        print(
+            f"error: {args.workdir} has no model.npz (a run writes it when it ends, unless export_npz is off){hint}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
         return checkpoint.load_pretrained_model(args.model, path, image_size=args.image_size)
     except (checkpoint.CheckpointError, OSError, ValueError) as e:
