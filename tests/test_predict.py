@@ -79,6 +79,19 @@ def test_workdir_with_custom_architecture_and_class_names(tmp_path, capsys):
     assert [r["predictions"][0]["label"] for r in out["results"]] == ["blue", "blue"]
 
 
+def test_16_bit_png_reads_as_training_reads_it(tmp_path):
+    import tensorflow as tf
+
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    path = tmp_path / "scan.png"
+    Image.fromarray(ramp).save(path)  # 16-bit greyscale; PIL's RGB conversion would clip it
+    ours = predict.load_image(str(path), (16, 16))
+    decoded = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    training = decoded.numpy().astype(np.float32) / 127.5 - 1.0  # input_pipeline's normalisation
+    assert ours.shape == (16, 16, 3) and ours.min() == -1.0 and ours.max() == 1.0
+    np.testing.assert_allclose(ours, training, atol=1.01 / 127.5)
+
+
 def test_imagenet_labels_ship_with_the_package():
     names = predict.imagenet_labels()
     assert len(names) == 1000

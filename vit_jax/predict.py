@@ -73,6 +73,11 @@ def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+            # 16-bit greyscale: PIL's convert would clip it to white; scale to 8 bits as the
+            # training pipeline's decoder (TensorFlow) does.
+            levels = np.asarray(im, np.float32) * (255.0 / 65535.0)
+            im = Image.fromarray(np.round(levels).astype(np.uint8), "L")
         im = im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(im, np.float32) / 127.5 - 1.0
 
