@@ -92,6 +92,25 @@ def test_16_bit_png_reads_as_training_reads_it(tmp_path):
     np.testing.assert_allclose(ours, training, atol=1.01 / 127.5)
 
 
+@pytest.mark.parametrize("shape, size", [((40, 30), (16, 16)), ((20, 20), (48, 48))])
+def test_prediction_input_equals_evaluation_input(tmp_path, shape, size):
+    # Predictions see what evaluation saw: the same resize (bilinear, antialiased) and scaling, to
+    # within PIL's rounding to 8 bits (one grey level).
+    import tensorflow as tf
+
+    from vit_jax import input_pipeline, train
+
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(pixels).save(path)
+    config = train.default_config()
+    config.image_size = size[0]
+    evaluated = input_pipeline.preprocess_eval(tf.io.read_file(str(path)), config, encoded=True)
+    np.testing.assert_allclose(
+        predict.load_image(str(path), size), evaluated.numpy(), atol=1.001 / 127.5
+    )
+
+
 def test_imagenet_labels_ship_with_the_package():
     names = predict.imagenet_labels()
     assert len(names) == 1000
