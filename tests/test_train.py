@@ -148,6 +148,20 @@ def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
     assert result["support"] == [1, 0, 0, 0, 0, 1, 1, 1, 1, 1]
 
 
+def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
+    root = _write_folder(tmp_path / "data")
+    nested = root / "train" / "red" / "2024" / "day1"
+    nested.mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(nested / "late.png")
+    (nested / "notes.txt").write_text("not an image")
+    info = input_pipeline.get_info(tiny_config(str(root)))
+    files, labels, _ = input_pipeline._folder_files(str(root), "train", info.class_names, False)
+    pairs = zip(files, labels, strict=True)
+    red = [os.path.relpath(f, root / "train" / "red") for f, y in pairs if y == 1]
+    assert red == [f"{i}.png" for i in range(6)] + [os.path.join("2024", "day1", "late.png")]
+    assert len(files) == 13 and info.class_names == ["blue", "red"]
+
+
 def test_folder_problems_are_found_before_training(tmp_path):
     # Each would otherwise surface at the first evaluation, after the training steps before it.
     root = _write_folder(tmp_path / "data")

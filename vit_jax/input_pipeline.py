@@ -78,10 +78,7 @@ def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool)
         directory = os.path.join(root, split, cls)
         if not os.path.isdir(directory):
             continue
-        for name in sorted(os.listdir(directory)):
-            path = os.path.join(directory, name)
-            if not name.lower().endswith(IMAGE_EXTENSIONS) or not os.path.isfile(path):
-                continue
+        for path in _image_files(directory):
             try:
                 with Image.open(path) as im:
                     im.verify()
@@ -106,11 +103,17 @@ def _class_dirs(split_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
 
 
+def _image_files(directory: str) -> Iterator[str]:
+    """Image files under `directory`, its sub-folders included, in a fixed (sorted) order."""
+    for here, folders, names in os.walk(directory):
+        folders.sort()
+        for name in sorted(names):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield os.path.join(here, name)
+
+
 def _has_image(directory: str) -> bool:
-    return any(
-        name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(directory, name))
-        for name in os.listdir(directory)
-    )
+    return next(_image_files(directory), None) is not None
 
 
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
