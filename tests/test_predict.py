@@ -111,6 +111,23 @@ def test_prediction_input_equals_evaluation_input(tmp_path, shape, size):
     )
 
 
+def test_directories_are_walked_without_hidden_entries(tmp_path):
+    for rel in (
+        "b.png",
+        "sub/a.JPG",
+        ".ipynb_checkpoints/b-checkpoint.png",
+        "sub/._a.JPG",
+        "c.txt",
+    ):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert predict.find_images([str(tmp_path), "given.png"]) == [
+        str(tmp_path / "b.png"),
+        str(tmp_path / "sub" / "a.JPG"),
+        "given.png",
+    ]
+
+
 def test_imagenet_labels_ship_with_the_package():
     names = predict.imagenet_labels()
     assert len(names) == 1000

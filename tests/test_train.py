@@ -154,6 +154,10 @@ def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
     nested.mkdir(parents=True)
     Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(nested / "late.png")
     (nested / "notes.txt").write_text("not an image")
+    for hidden in (root / "train" / ".ipynb_checkpoints", nested / ".thumbs"):  # not classes/images
+        hidden.mkdir()
+        Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(hidden / "copy.png")
+    (nested / "._late.png").write_bytes(b"macOS resource fork, not an image")
     info = input_pipeline.get_info(tiny_config(str(root)))
     files, labels, _ = input_pipeline._folder_files(str(root), "train", info.class_names, False)
     pairs = zip(files, labels, strict=True)

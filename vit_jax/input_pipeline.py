@@ -100,15 +100,20 @@ def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool)
 
 
 def _class_dirs(split_dir: str) -> list[str]:
-    return sorted(d for d in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, d)))
+    """Class folders of a split; hidden ones (.ipynb_checkpoints, ...) are not classes."""
+    return sorted(
+        d
+        for d in os.listdir(split_dir)
+        if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
+    )
 
 
 def _image_files(directory: str) -> Iterator[str]:
     """Image files under `directory`, its sub-folders included, in a fixed (sorted) order."""
     for here, folders, names in os.walk(directory):
-        folders.sort()
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(names):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 yield os.path.join(here, name)
 
 

@@ -53,15 +53,16 @@ def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) 
 
 
 def find_images(paths: Sequence[str]) -> list[str]:
-    """Files as given, and image files under directories (sorted)."""
+    """Files as given, and image files under directories (sorted; hidden ones left out)."""
     files = []
     for path in paths:
         if os.path.isdir(path):
-            for root, _, names in sorted(os.walk(path)):
+            for root, folders, names in os.walk(path):
+                folders[:] = sorted(f for f in folders if not f.startswith("."))
                 files += [
                     os.path.join(root, n)
                     for n in sorted(names)
-                    if n.lower().endswith(IMAGE_EXTENSIONS)
+                    if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
                 ]
         else:
             files.append(path)
