@@ -236,19 +236,26 @@ def test_load_pretrained_for_fine_tuning_at_new_resolution(tmp_path, classifier)
     np.testing.assert_array_equal(out["pre_logits"]["kernel"], params["pre_logits"]["kernel"])
 
 
-def test_wrong_model_reports_every_difference(tmp_path):
+def test_wrong_model_says_what_the_file_holds_and_lists_differences(tmp_path):
     params = _random_params(models.get_model("testing", **TINY), 32)
     path = _write_published(params, tmp_path / "tiny.npz")
     other = models.get_model("testing", **{**TINY, "num_layers": 3, "mlp_dim": 32})
     init = other.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load_pretrained(pretrained_path=str(path), init_params=init, model_config=other)
-    message = str(e.value)
-    assert "+ Transformer/encoderblock_2/MlpBlock_3/Dense_0/kernel (16, 32)" in message
-    assert (
-        "! Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel: checkpoint (16, 24), model (16, 32)"
-        in message
+    lines = str(e.value).splitlines()
+    assert lines[0] == (
+        f"{path} does not fit the model. It holds a model not in the variant table (patch_size="
+        "(16, 16), hidden_size=16, num_layers=2, num_heads=2, mlp_dim=24, resnet_layers=None, "
+        "classifier=token). 22 differences (! shape, + missing, - unexpected):"
     )
+    # Shapes first, then what is missing; at most 12 lines, then a count.
+    assert lines[1:3] == [
+        "  ! Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel: checkpoint (16, 24), model (16, 32)",
+        "  ! Transformer/encoderblock_0/MlpBlock_3/Dense_0/bias: checkpoint (24,), model (32,)",
+    ]
+    assert lines[7].startswith("  + Transformer/encoderblock_2/") and len(lines) == 14
+    assert lines[-1] == "  ... and 10 more"
     with_extra = _write_published({**params, "extra": {"kernel": np.ones(3)}}, tmp_path / "e.npz")
     model = models.get_model("testing", **TINY)
     init = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]

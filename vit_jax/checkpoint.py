@@ -394,14 +394,19 @@ def _shape(x: Any) -> tuple[int, ...]:
 def compare(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
     """Report lines for names missing (+), unexpected (-) or of another shape (!) vs `expected`."""
     got, want = flatten_dict(restored, sep="/"), flatten_dict(expected, sep="/")
-    lines = [f"+ {k} {_shape(want[k])} (missing from the checkpoint)" for k in want if k not in got]
-    lines += [f"- {k} {_shape(got[k])} (not in the model)" for k in got if k not in want]
-    lines += [
+    lines = [
         f"! {k}: checkpoint {_shape(got[k])}, model {_shape(want[k])}"
         for k in want
         if k in got and _shape(got[k]) != _shape(want[k])
     ]
+    lines += [
+        f"+ {k} {_shape(want[k])} (missing from the checkpoint)" for k in want if k not in got
+    ]
+    lines += [f"- {k} {_shape(got[k])} (not in the model)" for k in got if k not in want]
     return lines
+
+
+_REPORT_LINES = 12
 
 
 def adapt(
@@ -446,9 +451,18 @@ def adapt(
 
     report = compare(restored, target)
     if report:
+        try:  # which model the file holds says more than a long list
+            config = infer_config(restored)
+            names = " / ".join(matching_variants(config)) or "a model not in the variant table"
+            holds = f" It holds {names} ({_describe(config)})."
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError):
+            holds = ""
+        more = len(report) - _REPORT_LINES
         raise CheckpointError(
-            f"{source} does not fit the model ({len(report)} differences; + missing, - unexpected, "
-            "! shape):\n  " + "\n  ".join(report[:60]) + ("\n  ..." if len(report) > 60 else "")
+            f"{source} does not fit the model.{holds} {len(report)} differences (! shape, "
+            "+ missing, - unexpected):\n  "
+            + "\n  ".join(report[:_REPORT_LINES])
+            + (f"\n  ... and {more} more" if more > 0 else "")
         )
     return jax.tree.map(lambda v: np.asarray(v, dtype=np.float32), restored)
 
