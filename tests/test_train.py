@@ -140,6 +140,12 @@ def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
     monkeypatch.setattr(
         tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(archive)
     )
+    config.test_split = "validation"  # CIFAR-10 has none: found before any training step
+    with pytest.raises(input_pipeline.DataError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert str(e.value).startswith("TFDS dataset 'cifar10' has no split 'validation' (")
+    assert "its splits: train, test. Choose one with --config.test_split=..." in str(e.value)
+    config.test_split = ""
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["num_examples"] == 6 and result["step"] == config.total_steps
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())

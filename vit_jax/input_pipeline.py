@@ -183,6 +183,18 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
         ) from None
     if download:
         _download_and_prepare(builder, config)  # sets CIFAR's names on this builder's info
+        # (Splits are known once prepared; tfds.testing.mock_data leaves them empty.)
+        checks = zip(("train_split", "test_split"), _splits(config), strict=True)
+        for field, spec in checks if builder.info.splits else ():
+            try:
+                builder.info.splits[spec]
+            except (KeyError, ValueError, AssertionError) as e:
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                raise DataError(
+                    f"TFDS dataset {config.dataset!r} has no split {spec!r} ({reason}); its splits: "
+                    f"{', '.join(builder.info.splits)}. Choose one with --config.{field}=..., "
+                    "e.g. --config.test_split='train[90%:]'"
+                ) from None
     label = builder.info.features["label"]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     return DatasetInfo(config.dataset, label.num_classes, names, "tfds")
