@@ -530,6 +530,9 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert typo.stderr.startswith("error: --config.model_overrides.hiden_size: the config has no ")
     assert 'Did you mean "hidden_size"' in typo.stderr
+    missing = _cli("--config", "configs/nope.py:runlocal")
+    assert missing.returncode == 2
+    assert missing.stderr == "error: no config file configs/nope.py (--config FILE.py[:arg])\n"
     # --config.KEY works without a --config file (it then overrides train.default_config()).
     no_file = _cli("--config.log_every=0", *common)
     assert no_file.returncode == 2 and no_file.stderr == "error: log_every=0 must be >= 1\n"

@@ -1018,6 +1018,10 @@ def main(argv: list[str] | None = None) -> None:
     from absl import app
 
     given = list(sys.argv if argv is None else argv)
+    config_file = _config_file(given)
+    if config_file is not None and not os.path.isfile(config_file):
+        print(f"error: no config file {config_file} (--config FILE.py[:arg])", file=sys.stderr)
+        sys.exit(2)
     try:
         flags_obj = _define_flags()  # loads the default config file and applies --config.KEY to it
     except AttributeError as e:
@@ -1057,6 +1061,16 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
 
     app.run(_main, argv=argv, flags_parser=parse_flags)
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+    """The file of `--config FILE[:arg]` / `--config=FILE[:arg]` in argv, if given."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":", 1)[0]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1].split(":", 1)[0]
+    return None
 
 
 def _unknown_config_field(error: AttributeError, argv: Sequence[str]) -> None:
