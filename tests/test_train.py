@@ -390,6 +390,18 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mo
     # An orbax training checkpoint converts to the published npz layout.
     out = checkpoint.convert(str(tmp_path / "resumed"), str(tmp_path / "from_orbax.npz"))
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load(out), b)
+    # ... is inspected like an .npz, and is not mistaken for a broken .npz where one is expected.
+    report = checkpoint.inspect(str(tmp_path / "resumed" / "checkpoints"))
+    assert "layout: orbax checkpoint written by vit_jax.train (its params)" in report
+    assert report == checkpoint.inspect(out).replace(
+        f"{out}\nlayout: published",
+        f"{tmp_path / 'resumed' / 'checkpoints'}\nlayout: orbax "
+        "checkpoint written by vit_jax.train (its params)",
+    )
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"is a directory, not an \.npz; .* convert"
+    ):
+        checkpoint.load(str(tmp_path / "resumed"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -29,6 +29,7 @@ import re
 import sys
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -146,6 +147,12 @@ def resolve(path: str, progress: bool = True) -> str:
 def read_npz(path: str) -> dict[str, np.ndarray]:
     """Reads every array of an `.npz` as {name: array}, refusing pickled objects."""
     local = resolve(path)
+    if os.path.isdir(local):
+        raise CheckpointError(
+            f"{path} is a directory, not an .npz; a run's orbax checkpoints (a run directory, its "
+            "checkpoints/ or best/) become one with `python -m vit_jax.checkpoint convert DIR "
+            "FILE.npz`"
+        )
     cached = f" (cached copy: {local})" if local != path else ""
     if os.path.isfile(local) and not zipfile.is_zipfile(local):
         raise CheckpointError(
@@ -573,14 +580,18 @@ def load_orbax_params(directory: str) -> Params:
     steps = [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
     if steps:
         directory = os.path.join(directory, max(steps, key=int))
+
+    def restore(path: str) -> Any:
+        with warnings.catch_warnings():  # host arrays are wanted: the saved sharding is irrelevant
+            warnings.filterwarnings("ignore", message="Sharding info not provided")
+            return ocp.PyTreeCheckpointer().restore(path)
+
     if os.path.isdir(os.path.join(directory, "params")):  # best/<step>: the params alone
-        return jax.tree.map(
-            np.asarray, ocp.PyTreeCheckpointer().restore(os.path.join(directory, "params"))
-        )
+        return jax.tree.map(np.asarray, restore(os.path.join(directory, "params")))
     item = os.path.join(directory, "state")
     if not os.path.isdir(item):
         raise CheckpointError(f"{directory} is not an orbax checkpoint written by vit_jax.train")
-    tree = ocp.PyTreeCheckpointer().restore(item)
+    tree = restore(item)
     if "params" not in tree:
         raise CheckpointError(f"{item} holds no 'params' (keys: {sorted(tree)})")
     return jax.tree.map(np.asarray, tree["params"])
@@ -590,8 +601,13 @@ def load_orbax_params(directory: str) -> Params:
 
 
 def inspect(path: str) -> str:
-    """A printable report: layout, names and shapes, parameter count, matching models."""
-    flat, layout = normalize(read_npz(path))
+    """A printable report: layout, names and shapes, parameter count, matching models; for an .npz,
+    or a run's orbax checkpoint directory (its params)."""
+    if os.path.isdir(path):
+        flat = flatten_dict(load_orbax_params(path), sep="/")
+        layout = "orbax checkpoint written by vit_jax.train (its params)"
+    else:
+        flat, layout = normalize(read_npz(path))
     config = infer_config(unflatten_dict(flat, sep="/"))
     total = sum(int(np.prod(v.shape)) for v in flat.values())
     width = max(len(k) for k in flat) + 2
@@ -628,7 +644,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="names, shapes, detected layout, matching model, count")
-    p.add_argument("file", help="an .npz (local path, gs:// or https://)")
+    p.add_argument(
+        "file",
+        help="an .npz (local path, gs:// or https://), or a run's orbax checkpoint directory",
+    )
     p = sub.add_parser("convert", help="write any readable checkpoint in the published npz layout")
     p.add_argument("src", help="an .npz of a known layout, or an orbax checkpoint directory")
     p.add_argument("dst", help="the .npz to write (an existing file only with --overwrite)")
