@@ -532,6 +532,7 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     assert missing.returncode == 2
     assert "ViT-B_16.npz not found" in missing.stderr and "gs://vit_models" in missing.stderr
     assert "--from_scratch" in missing.stderr and "Traceback" not in missing.stderr
+    assert os.listdir(tmp_path / "runs") == ["cli"]  # the failed start left no run directory
 
     unknown = _cli("--config", "configs/digits.py", "--config.no_such_key=1", *common)
     assert unknown.returncode == 2 and unknown.stderr.splitlines() == [

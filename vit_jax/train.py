@@ -564,6 +564,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         grid = model.grid_size(hw)
     except ValueError as e:
         raise TrainingError(str(e)) from None
+    saved = os.path.join(workdir, "checkpoints")
+    resuming = os.path.isdir(saved) and any(d.isdigit() for d in os.listdir(saved))
+    if not resuming and not config.from_scratch:
+        try:  # a missing file (or failed download) stops the run before it writes anything
+            checkpoint.resolve(pretrained_path(config))
+        except checkpoint.CheckpointError as e:
+            raise TrainingError(f"{e}\nOr train from random weights with --from_scratch.") from None
     os.makedirs(workdir, exist_ok=True)  # only once the configuration has been checked
     tx = make_optimizer(config)
 
