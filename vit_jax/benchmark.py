@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import nonnegative_int, positive_int, prog
+from vit_jax.commands import first_line, nonnegative_int, positive_int, prog
 
 
 def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -188,7 +188,7 @@ def run(
                 raise
             result["peak_rss_gib"] = _peak_rss_gib()
             result["error"] = (
-                "out of memory running the step: " + str(e).splitlines()[0][:200] + "; try "
+                "out of memory running the step: " + first_line(e)[:200] + "; try "
                 "--remat, --shard_params over more devices, --dtype bfloat16"
                 + (", a smaller --cpu_block_tokens" if result["platform"] == "cpu" else "")
                 + " or a smaller --batch"

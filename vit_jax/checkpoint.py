@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vit_jax.commands import prog
+from vit_jax.commands import first_line, prog
 
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
@@ -96,10 +96,9 @@ def _download(url: str, progress: bool = True) -> str:
             except CheckpointError:
                 raise
             except Exception as e:  # OSError/HTTPException (https), tf.errors.OpError (gs://)
-                reason = (str(e).strip().splitlines() or [""])[0]
                 raise CheckpointError(
-                    f"could not download {url} ({type(e).__name__}: {reason}); nothing was kept, "
-                    f"so running again starts over. {PUBLISHED_HELP}"
+                    f"could not download {url} ({type(e).__name__}: {first_line(e)}); nothing "
+                    f"was kept, so running again starts over. {PUBLISHED_HELP}"
                 ) from None
         os.replace(tmp, local)
     finally:
@@ -568,6 +567,14 @@ def _describe(config: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------- orbax
 
 
+def saved_steps(directory: str) -> list[int]:
+    """The steps of the orbax checkpoints in `directory` (a run's `checkpoints/`), ascending; [] if
+    there are none or no such directory (unfinished saves, `<step>.orbax-checkpoint-tmp-*`, excluded)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def load_orbax_params(directory: str) -> Params:
     """The `params` subtree of an orbax checkpoint written by `vit_jax.train` (a step directory, a
     run's `checkpoints/` or `best/` directory with the latest step taken, or the run directory), as
@@ -577,9 +584,9 @@ def load_orbax_params(directory: str) -> Params:
     directory = os.path.abspath(directory)
     if os.path.isdir(os.path.join(directory, "checkpoints")):
         directory = os.path.join(directory, "checkpoints")
-    steps = [d for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    steps = saved_steps(directory)
     if steps:
-        directory = os.path.join(directory, max(steps, key=int))
+        directory = os.path.join(directory, str(steps[-1]))
 
     def restore(path: str) -> Any:
         with warnings.catch_warnings():  # host arrays are wanted: the saved sharding is irrelevant

@@ -43,6 +43,11 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's text, for one-line error messages ('' when it has none)."""
+    return next(iter(str(error).strip().splitlines()), "")
+
+
 def prog(module: str) -> str:
     """The command name for usage lines: `vit-X` when run as that script, else `python -m MODULE`."""
     name = os.path.basename(sys.argv[0]) if sys.argv else ""

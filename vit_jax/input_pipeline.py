@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.commands import first_line
 from vit_jax.models import image_hw
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -78,7 +79,7 @@ def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool)
         directory = os.path.join(root, split, cls)
         if not os.path.isdir(directory):
             continue
-        for path in _image_files(directory):
+        for path in image_files(directory):
             try:
                 with Image.open(path) as im:
                     im.verify()
@@ -108,17 +109,18 @@ def _class_dirs(split_dir: str) -> list[str]:
     )
 
 
-def _image_files(directory: str) -> Iterator[str]:
-    """Image files under `directory`, its sub-folders included, in a fixed (sorted) order."""
+def image_files(directory: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[str]:
+    """Files under `directory` ending in `extensions` (any case), sub-folders included, in a fixed
+    (sorted) order; hidden folders and files (.ipynb_checkpoints, macOS ._*) left out."""
     for here, folders, names in os.walk(directory):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(names):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.lower().endswith(extensions) and not name.startswith("."):
                 yield os.path.join(here, name)
 
 
 def _has_image(directory: str) -> bool:
-    return next(_image_files(directory), None) is not None
+    return next(image_files(directory), None) is not None
 
 
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +181,7 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
     except Exception as e:  # tfds raises its own DatasetNotFoundError, among others
         raise DataError(
             f"unknown dataset {config.dataset!r}: not a TFDS dataset name, an image folder with "
-            f"train/ and test/, or 'digits' ({type(e).__name__}: {str(e).splitlines()[0]})"
+            f"train/ and test/, or 'digits' ({type(e).__name__}: {first_line(e)})"
         ) from None
     if download:
         _download_and_prepare(builder, config)  # sets CIFAR's names on this builder's info
@@ -189,10 +191,10 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
             try:
                 builder.info.splits[spec]
             except (KeyError, ValueError, AssertionError) as e:
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
                 raise DataError(
-                    f"TFDS dataset {config.dataset!r} has no split {spec!r} ({reason}); its splits: "
-                    f"{', '.join(builder.info.splits)}. Choose one with --config.{field}=..., "
+                    f"TFDS dataset {config.dataset!r} has no split {spec!r} "
+                    f"({first_line(e)[:200]}); its splits: {', '.join(builder.info.splits)}. "
+                    f"Choose one with --config.{field}=..., "
                     "e.g. --config.test_split='train[90%:]'"
                 ) from None
     label = builder.info.features["label"]
@@ -209,11 +211,10 @@ def _download_and_prepare(builder: Any, config: Any) -> None:
             download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
         )
     except Exception as e:  # network errors, a missing manual download, a full disk, ...
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
         raise DataError(
             f"could not download or prepare the TFDS dataset {config.dataset!r} in "
-            f"{builder.data_dir} ({type(e).__name__}: {reason}). Check the network connection and "
-            "the free disk space; a dataset that must be fetched by hand (e.g. imagenet2012) goes "
+            f"{builder.data_dir} ({type(e).__name__}: {first_line(e)[:300]}). Check the network "
+            "connection and the free disk space; a dataset that must be fetched by hand (e.g. imagenet2012) goes "
             "in --tfds_manual_dir, and one prepared elsewhere is found with --tfds_data_dir."
         ) from None
 

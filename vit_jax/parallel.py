@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vit_jax.commands import first_line
+
 # Environment variables that mean "this process is one of several" for jax.distributed's own
 # cluster detection (Slurm, Open MPI, Cloud TPU pod slices, an explicit coordinator).
 _CLUSTER_MARKERS = ("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -68,7 +70,7 @@ def initialize(
             jax.distributed.initialize()
     except (RuntimeError, ValueError) as e:
         raise DistributedError(
-            f"could not start the multi-process runtime ({str(e).splitlines()[0]}); check that "
+            f"could not start the multi-process runtime ({first_line(e)}); check that "
             "process 0 runs and its coordinator address is reachable from every process, or pass "
             "--coordinator_address/--num_processes/--process_id explicitly"
         ) from None

@@ -54,16 +54,12 @@ def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) 
 
 def find_images(paths: Sequence[str]) -> list[str]:
     """Files as given, and image files under directories (sorted; hidden ones left out)."""
+    from vit_jax.input_pipeline import image_files
+
     files = []
     for path in paths:
         if os.path.isdir(path):
-            for root, folders, names in os.walk(path):
-                folders[:] = sorted(f for f in folders if not f.startswith("."))
-                files += [
-                    os.path.join(root, n)
-                    for n in sorted(names)
-                    if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")
-                ]
+            files += image_files(path, IMAGE_EXTENSIONS)
         else:
             files.append(path)
     return files
@@ -187,7 +183,8 @@ def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
             else ""
         )
         print(
-            f"error: {args.workdir} has no model.npz (a run writes it when it ends, unless export_npz is off){hint}",
+            f"error: {args.workdir} has no model.npz (a run writes it when it ends, unless "
+            f"export_npz is off){hint}",
             file=sys.stderr,
         )
         sys.exit(2)

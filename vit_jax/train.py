@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint, input_pipeline, models, parallel
+from vit_jax.commands import first_line
 from vit_jax.parallel import data_mesh, to_device
 
 
@@ -512,16 +513,16 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 def _check_resumable(state_dir: str, target: Any) -> None:
     """ValueError naming the first arrays whose saved shapes (or presence) differ from `target`'s,
     read from the checkpoint's metadata before orbax starts reading any array."""
+    import pathlib
+
     import orbax.checkpoint as ocp
 
     def names(tree: Any) -> dict[str, tuple[int, ...]]:
-        def key(k: Any) -> str:
-            return str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-
-        leaves = jax.tree_util.tree_leaves_with_path(tree)
-        return {"/".join(key(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
-
-    import pathlib
+        # The metadata has dict keys where the state has namedtuple fields: compare by name.
+        return {
+            jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        }
 
     saved = names(ocp.StandardCheckpointHandler().metadata(pathlib.Path(state_dir)))
     wanted = names(target)
@@ -564,8 +565,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         grid = model.grid_size(hw)
     except ValueError as e:
         raise TrainingError(str(e)) from None
-    saved = os.path.join(workdir, "checkpoints")
-    resuming = os.path.isdir(saved) and any(d.isdigit() for d in os.listdir(saved))
+    resuming = bool(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")))
     if not resuming and not config.from_scratch:
         try:  # a missing file (or failed download) stops the run before it writes anything
             checkpoint.resolve(pretrained_path(config))
@@ -615,10 +615,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             _check_resumable(state_dir, target)
             restored = manager.restore(start, args=ocp.args.Composite(**items))
         except ValueError as e:  # other shapes or another optimizer's state
-            reason = (str(e).strip().splitlines() or [""])[0]
             raise TrainingError(
                 f"{workdir} holds the checkpoint of a run with other settings (step {start}: "
-                f"{reason}); a run resumes only with the model, image size and optimizer it "
+                f"{first_line(e)}); a run resumes only with the model, image size and optimizer it "
                 "started with. Give a new run its own --name (a run directory is reused when "
                 "--name is left out and an unfinished run of the same model and dataset exists)."
             ) from None
