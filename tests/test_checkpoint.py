@@ -324,8 +324,14 @@ def test_unknown_layout_is_reported(tmp_path):
 def test_save_writes_the_published_layout_and_round_trips(tmp_path):
     model = models.get_model("testing", representation_size=8, **TINY)
     params = jax.tree.map(jnp.asarray, _random_params(model, 32))
-    path = checkpoint.save(params, str(tmp_path / "out" / "model.npz"))
+    old_umask = os.umask(0o022)
+    try:
+        path = checkpoint.save(params, str(tmp_path / "out" / "model.npz"))
+    finally:
+        os.umask(old_umask)
     assert os.listdir(tmp_path / "out") == ["model.npz"]
+    # The usual permissions, not tempfile's owner-only 0600 (an exported model is shared).
+    assert os.stat(path).st_mode & 0o777 == 0o644
     with np.load(
         path, allow_pickle=False
     ) as npz:  # what any other reader of the published files sees

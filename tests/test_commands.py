@@ -79,3 +79,21 @@ def test_unknown_command_is_one_clear_error():
     assert result.stderr.startswith("error: unknown command 'trian'") and "Traceback" not in (
         result.stderr
     )
+
+
+def test_atomic_path_keeps_the_old_file_whole_until_the_new_one_is_complete(tmp_path):
+    target = tmp_path / "report.txt"
+    target.write_text("old\n")
+    with (
+        pytest.raises(KeyboardInterrupt),
+        commands.atomic_path(str(target)) as tmp,
+        open(tmp, "w") as f,
+    ):
+        assert tmp.endswith(".txt") and os.path.dirname(tmp) == str(tmp_path)
+        f.write("half of the new")
+        raise KeyboardInterrupt
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["report.txt"]  # the partial file is gone
+    with commands.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
+        f.write("new\n")
+    assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["report.txt"]

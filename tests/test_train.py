@@ -548,6 +548,8 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "train_lo')  # a row cut short: the process was killed writing it
     monkeypatch.setattr(input_pipeline, "train_batches", real)
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
 

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import urllib.request
 import warnings
 import zipfile
@@ -38,7 +37,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vit_jax.commands import first_line, prog, user_path
+from vit_jax.commands import atomic_path, first_line, prog, user_path
 
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
@@ -87,23 +86,16 @@ def _download(url: str, progress: bool = True) -> str:
     local = _cached_name(url)
     if os.path.exists(local):
         return local
-    os.makedirs(cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                _copy_url(url, out, progress)
-            except CheckpointError:
-                raise
-            except Exception as e:  # OSError/HTTPException (https), tf.errors.OpError (gs://)
-                raise CheckpointError(
-                    f"could not download {url} ({type(e).__name__}: {first_line(e)}); nothing "
-                    f"was kept, so running again starts over. {PUBLISHED_HELP}"
-                ) from None
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(local) as tmp, open(tmp, "xb") as out:
+        try:
+            _copy_url(url, out, progress)
+        except CheckpointError:
+            raise
+        except Exception as e:  # OSError/HTTPException (https), tf.errors.OpError (gs://)
+            raise CheckpointError(
+                f"could not download {url} ({type(e).__name__}: {first_line(e)}); nothing "
+                f"was kept, so running again starts over. {PUBLISHED_HELP}"
+            ) from None
     return local
 
 
@@ -272,16 +264,8 @@ def save(params: Mapping[str, Any], path: str) -> str:
     """
     flat, _ = normalize({k: np.asarray(v) for k, v in flatten_dict(params, sep="/").items()})
     flat = {k: np.asarray(v, dtype=np.float32) for k, v in flat.items()}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz.partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **flat)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
+        np.savez(f, **flat)
     return path
 
 

@@ -1,12 +1,15 @@
-"""The commands this package installs, listed by `python -m vit_jax` (`python -m vit_jax NAME ...` runs one)."""
+"""The commands this package installs, listed by `python -m vit_jax` (`python -m vit_jax NAME ...` runs one),
+and the helpers they share."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 # Console script -> (module, what it does). The same table as [project.scripts] in pyproject.toml
 # (a test keeps them equal); each script is the module's `main`, so `vit-X ...` == `python -m MODULE ...`.
@@ -46,6 +49,25 @@ def _int_at_least(text: str, low: int) -> int:
 def user_path(text: str) -> str:
     """argparse type for paths: '~' expanded, which the shell leaves alone in `--flag=~/x`."""
     return os.path.expanduser(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A path beside `path` to write to; it becomes `path` when the block ends without an error
+    and is removed otherwise (an error, Ctrl-C), so no half-written file is left and an existing
+    `path` stays whole until the new file is complete. The name keeps `path`'s extension (writers
+    that pick the format from it still do); the writer creates the file, so it gets the usual
+    permissions (umask), not tempfile's owner-only ones."""
+    directory, base = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    stem, ext = os.path.splitext(base)
+    tmp = os.path.join(directory, f".{stem}.{secrets.token_hex(4)}.partial{ext}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def first_line(error: BaseException) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.commands import atomic_path
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -147,7 +149,8 @@ def embedding_components_figure(components: np.ndarray, variance: np.ndarray, pa
         ax.set_title(f"PC{i + 1} {100 * var:.1f}%", fontsize=7)
     fig.suptitle(f"Patch-embedding filters: first {len(components)} principal components")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -175,7 +178,8 @@ def position_similarity_figure(similarity: np.ndarray, path: str) -> str:
     fig.supylabel("input patch row")
     fig.suptitle("Position embedding similarity")
     fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -199,7 +203,8 @@ def attention_distance_figure(distance: np.ndarray, path: str, image_px: int | N
     ax.set_title("Mean attention distance per head")
     fig.colorbar(points, ax=ax, label="head", ticks=np.arange(0, heads, max(1, heads // 12)))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -224,7 +229,8 @@ def patch_grid_figure(image: np.ndarray, patch_px: tuple[int, int], path: str) -
             if gh * gw <= 64:
                 ax.set_title(str(i * gw + j + 1), fontsize=6, pad=1)
     fig.suptitle(f"{gh * gw} patches of {patch_px[0]}x{patch_px[1]} pixels ({gh}x{gw} grid)")
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -243,7 +249,8 @@ def topk_figure(predictions: Sequence[dict[str, Any]], path: str, title: str = "
         ax.text(min(p + 0.01, 0.9), bar.get_y() + bar.get_height() / 2, f"{p:.3f}", va="center")
     ax.set_title(title or f"top-{len(labels)} predictions")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint, input_pipeline, models, parallel
-from vit_jax.commands import first_line
+from vit_jax.commands import atomic_path, first_line
 from vit_jax.parallel import data_mesh, to_device
 
 
@@ -426,6 +426,16 @@ def prefetch(iterator: Iterator, sharding: NamedSharding, size: int = 2) -> Iter
         yield item
 
 
+def _json_row(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line as a dict; None for a blank line or one cut short (a process killed
+    while appending it: the resumed run rewrites the file without it)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
+
+
 class MetricWriter:
     """metrics.jsonl + TensorBoard event files in the run directory (process 0 only)."""
 
@@ -439,7 +449,7 @@ class MetricWriter:
             self.tb = SummaryWriter(workdir)
             if os.path.exists(self.path):
                 with open(self.path) as f:
-                    self.rows = [json.loads(line) for line in f if line.strip()]
+                    self.rows = [row for line in f if (row := _json_row(line)) is not None]
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.active:
@@ -457,7 +467,7 @@ class MetricWriter:
         if not self.active:
             return
         self.rows = [r for r in self.rows if r["step"] <= step]
-        with open(self.path, "w") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
 
     def plot(self, path: str) -> None:
@@ -481,7 +491,8 @@ class MetricWriter:
         ax1.legend()
         ax2.set(xlabel="step", ylabel="accuracy", title="test accuracy", ylim=(0, 1))
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
         plt.close(fig)
 
     def close(self) -> None:
@@ -897,9 +908,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     best_params = parallel.to_host(best_params) if best_params is not None else None
     if jax.process_index() == 0:
         log(format_report(eval_metrics, info.class_names, max_classes=REPORT_CLASSES))
-        with open(os.path.join(workdir, "report.txt"), "w") as f:
+        report = os.path.join(workdir, "report.txt")
+        with atomic_path(report) as tmp, open(tmp, "w") as f:
             f.write(format_report(eval_metrics, info.class_names) + "\n")
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
+        with atomic_path(os.path.join(workdir, "eval.json")) as tmp, open(tmp, "w") as f:
             json.dump({**result, "class_names": info.class_names}, f)
         writer.plot(os.path.join(workdir, "curves.png"))
         if config.export_npz:

@@ -19,7 +19,7 @@ import numpy as np
 
 from vit_jax import predict
 from vit_jax.checkpoint import square_grid
-from vit_jax.commands import positive_int, prog, user_path
+from vit_jax.commands import atomic_path, positive_int, prog, user_path
 
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
@@ -95,7 +95,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: str, title: str | None = 
     out = Image.fromarray(blended)
     if title:
         out.info["Title"] = title
-    out.save(path)
+    with atomic_path(path) as tmp:
+        out.save(tmp)
     return path
 
 
@@ -122,7 +123,8 @@ def heads_figure(image: np.ndarray, per_head: np.ndarray, path: str) -> str:
         ax.axis("off")
     fig.suptitle("last layer: class-token attention per head")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
