@@ -81,6 +81,25 @@ def test_unknown_command_is_one_clear_error():
     )
 
 
+@pytest.mark.parametrize("name", [n for n in commands.COMMANDS if n != "vit-train"])
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(name, monkeypatch, capsys):
+    # (vit-train has its own: it names the checkpoint a rerun resumes from; see test_train.)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = importlib.import_module(commands.COMMANDS[name][0])
+    monkeypatch.setattr("argparse.ArgumentParser.parse_args", interrupted)
+    try:
+        module.main(["--help"])
+    except KeyboardInterrupt:  # caught here: it would stop pytest itself
+        pytest.fail(f"{name}: Ctrl-C ended in a KeyboardInterrupt traceback")
+    except SystemExit as e:
+        assert e.code == 130
+    else:
+        pytest.fail(f"{name} returned after Ctrl-C")
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_atomic_path_keeps_the_old_file_whole_until_the_new_one_is_complete(tmp_path):
     target = tmp_path / "report.txt"
     target.write_text("old\n")

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import first_line, nonnegative_int, positive_int, prog
+from vit_jax.commands import first_line, interruptible, nonnegative_int, positive_int, prog
 
 
 def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
@@ -238,6 +238,7 @@ def _input_throughput(image_size: int, batch: int, steps: int) -> dict[str, Any]
     return {"img_s": n * batch / seconds, "median_step_s": seconds / n}
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog("vit_jax.benchmark"), description=__doc__.split("\n\n")[0]

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vit_jax.commands import atomic_path, first_line, prog, user_path
+from vit_jax.commands import atomic_path, first_line, interruptible, prog, user_path
 
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
@@ -640,6 +640,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
     return save(params, dst)
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog("vit_jax.checkpoint"), description="Inspect and convert ViT checkpoints."

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import secrets
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Console script -> (module, what it does). The same table as [project.scripts] in pyproject.toml
 # (a test keeps them equal); each script is the module's `main`, so `vit-X ...` == `python -m MODULE ...`.
@@ -49,6 +53,22 @@ def _int_at_least(text: str, low: int) -> int:
 def user_path(text: str) -> str:
     """argparse type for paths: '~' expanded, which the shell leaves alone in `--flag=~/x`."""
     return os.path.expanduser(text)
+
+
+def interruptible(main: F) -> F:
+    """Wraps a command's `main` so that Ctrl-C ends it with one line and status 130 (the shell's
+    code for SIGINT) instead of a KeyboardInterrupt traceback. The commands write their files
+    atomically, so an interrupted one leaves no partial output."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import positive_int, prog, user_path
+from vit_jax.commands import interruptible, positive_int, prog, user_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -197,6 +197,7 @@ def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
         sys.exit(2)
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog("vit_jax.predict"), description=__doc__.split("\n\n")[0]

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.commands import nonnegative_int, positive_int, prog
+from vit_jax.commands import interruptible, nonnegative_int, positive_int, prog
 from vit_jax.models import VisionTransformer, get_model, image_hw, param_shapes
 from vit_jax.variants import VARIANTS
 
@@ -97,6 +97,7 @@ def summary(model: VisionTransformer, image_size: int | Sequence[int] = 224) -> 
     return "\n".join(lines)
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog("vit_jax.summary"), description=__doc__.strip().splitlines()[0]

@@ -19,7 +19,7 @@ import numpy as np
 
 from vit_jax import predict
 from vit_jax.checkpoint import square_grid
-from vit_jax.commands import atomic_path, positive_int, prog, user_path
+from vit_jax.commands import atomic_path, interruptible, positive_int, prog, user_path
 
 
 def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
@@ -226,6 +226,7 @@ def figures_main(argv: Sequence[str]) -> None:
         print(f"wrote {path}")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["figures"]:
