@@ -764,6 +764,31 @@ def test_cli_on_mock_cifar10(tmp_path):
     assert [r["step"] for r in rows(tmp_path / "mock")] == [2]  # log_every=50: the final eval step
 
 
+def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys):
+    train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["total_steps"] == 2
+    capsys.readouterr()
+    config = tiny_config(total_steps=4, base_lr=0.1)
+    config.model_overrides.dropout_rate = 0.1
+    train.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert (
+        "settings changed since step 2 (kept in config-2.json): base_lr 0.03 -> 0.1, "
+        "model_overrides.dropout_rate (unset) -> 0.1, total_steps 2 -> 4\n"
+    ) in out
+    with open(tmp_path / "config-2.json") as f:
+        assert json.load(f)["total_steps"] == 2
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["total_steps"] == 4
+    train.train_and_evaluate(config, str(tmp_path))  # the same settings again: nothing to say
+    assert "settings changed" not in capsys.readouterr().out
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith("config")) == [
+        "config-2.json",
+        "config.json",
+    ]
+
+
 def test_run_directory_resumes_the_newest_unfinished_run(tmp_path):
     config = tiny_config()
     config.model = "ViT-B_16"

@@ -592,6 +592,54 @@ def _interrupt_after() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a.b': value} of a nested dict such as a config read from JSON (an empty dict: no keys)."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: str, resumed_at: int | None) -> str:
+    """Writes the run's settings to {workdir}/config.json (process 0). When a resumed run's
+    settings differ from those it last ran with, the earlier file is kept as config-{resumed_at}.json
+    and the returned line names each change ('' otherwise)."""
+    if jax.process_index() != 0:
+        return ""
+    current = json.loads(config.to_json_best_effort())  # values JSON lacks become strings
+    path = os.path.join(workdir, "config.json")
+    note = ""
+    if resumed_at is not None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                before = _flat(json.load(f))
+        except (OSError, ValueError):  # unreadable: replaced below
+            before = None
+        if before is not None:
+            after = _flat(current)
+            unset = object()
+
+            def shown(value: Any) -> str:
+                return "(unset)" if value is unset else json.dumps(value)
+
+            changes = [
+                f"{key} {shown(before.get(key, unset))} -> {shown(after.get(key, unset))}"
+                for key in sorted(set(before) | set(after))
+                if before.get(key, unset) != after.get(key, unset)
+            ]
+            if not changes:
+                return ""
+            kept = os.path.join(workdir, f"config-{resumed_at}.json")
+            os.replace(path, kept)
+            note = (
+                f"settings changed since step {resumed_at} (kept in {os.path.basename(kept)}): "
+                + ", ".join(changes)
+            )
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(current, f, indent=2)
+        f.write("\n")
+    return note
+
+
 def _expand_user(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy with '~' expanded in the paths read directly (the shell leaves `--dataset=~/x`
     alone; the checkpoint paths are expanded where they are opened)."""
@@ -633,9 +681,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Returns the final evaluation (accuracy, loss, per-class precision/recall/F1, confusion matrix,
     number of examples), `step` (the last one trained), `micro_batches` (per update: `accum_steps`
     times the CPU cache blocks, see `micro_batches`), `stopped_early` and, with `keep_best`, `best`
-    ({'step', 'metric', 'value'}). Writes to `workdir`: checkpoints/, metrics.jsonl, TensorBoard
-    events, curves.png, eval.json, report.txt (the per-class table) and (with `export_npz`) model.npz
-    in the published layout; with `keep_best` also best/ (the best checkpoint's params) and best.npz.
+    ({'step', 'metric', 'value'}). Writes to `workdir`: config.json (see `record_config`),
+    checkpoints/, metrics.jsonl, TensorBoard events, curves.png, eval.json, report.txt (the per-class
+    table) and (with `export_npz`) model.npz in the published layout; with `keep_best` also best/
+    (the best checkpoint's params) and best.npz.
     """
     import orbax.checkpoint as ocp
 
@@ -748,6 +797,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     schedule = make_schedule(config)
     writer = MetricWriter(workdir)
     writer.truncate_after(start)
+    if note := record_config(config, workdir, start if resuming else None):
+        log(note)
     num_devices = len(devices)
     local_batch = config.batch // jax.process_count()
     local_eval = config.batch_eval // jax.process_count()
