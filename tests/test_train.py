@@ -629,6 +629,7 @@ def test_bad_batch_is_a_clear_error():
         ({"crop_area": (0.5, 0.2)}, r"^crop_area=\(0.5, 0.2\): use 0 < min <= max <= 1$"),
         ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),
         ({"image_size": 0}, r"^image_size=0: use a positive number of pixels"),
+        ({"model": "testing-unpooled"}, r"^classifier='token_unpooled': training needs one output"),
     ],
 )
 def test_bad_settings_are_named(overrides, message):
@@ -711,8 +712,10 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     ]
     typo = _cli("--config", "configs/digits.py", "--config.model_overrides.hiden_size=3")
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
-    assert typo.stderr.startswith("error: --config.model_overrides.hiden_size: the config has no ")
-    assert 'Did you mean "hidden_size"' in typo.stderr
+    assert typo.stderr.startswith(
+        "error: --config.model_overrides.hiden_size: VisionTransformer has no such attribute; "
+        "did you mean hidden_size? (model options: patch_size, hidden_size,"
+    )
     missing = _cli("--config", "configs/nope.py:runlocal")
     assert missing.returncode == 2
     assert missing.stderr == "error: no config file configs/nope.py (--config FILE.py[:arg])\n"
@@ -755,13 +758,51 @@ def test_cli_on_mock_cifar10(tmp_path):
     )
     args = ["--model", "testing", "--dataset", "cifar10", "--from_scratch", "--image_size", "32",
             "--total_steps", "2", "--batch", "4", "--batch_eval", "8", "--accum_steps", "2",
-            "--logdir", str(tmp_path), "--name", "mock"]  # fmt: skip
+            "--logdir", str(tmp_path), "--name", "mock",
+            # model_overrides starts empty: these are not config fields ml_collections would take
+            "--config.model_overrides.dropout_rate=0.2", "--config.model_overrides.hidden_size",
+            "12", "--config.model_overrides.patch_size=(8, 8)"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "test accuracy" in proc.stdout and "on 20 examples" in proc.stdout
     assert [r["step"] for r in rows(tmp_path / "mock")] == [2]  # log_every=50: the final eval step
+    with open(tmp_path / "mock" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["model_overrides"] == {
+        "dropout_rate": 0.2,
+        "hidden_size": 12,
+        "patch_size": [8, 8],
+    }
+    assert saved["total_steps"] == 2 and saved["dataset"] == "cifar10"
+    params = checkpoint.load(str(tmp_path / "mock" / "model.npz"))
+    assert params["embedding"]["kernel"].shape == (8, 8, 3, 12)
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("dropout_rate=abc", "dropout_rate=abc: expected a number"),
+        ("patch_size=8", "patch_size=8: expected two integers such as '(16, 16)'"),
+        ("classifier=unpooled", "classifier=unpooled: expected token or gap"),
+        ("representation_size=0", "representation_size=0: expected None or a positive integer"),
+        ("num_layers=2.5", "num_layers=2.5: expected a positive integer"),
+        ("heads=2", "heads: VisionTransformer has no such attribute; did you mean num_heads?"),
+        ("dtype=bfloat16", "dtype: use --dtype (model options:"),
+    ],
+)
+def test_cli_model_overrides_are_checked(arg, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train._model_override_args(["vit-train", "--batch", "8", f"--config.model_overrides.{arg}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: --config.model_overrides.{message}")
+    rest, overrides = train._model_override_args(
+        ["vit-train", "--batch", "8", "--config.model_overrides.classifier=gap",
+         "--config.model_overrides.representation_size", "None"]
+    )  # fmt: skip
+    assert rest == ["vit-train", "--batch", "8"]
+    assert overrides == {"classifier": "gap", "representation_size": None}
 
 
 def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys):

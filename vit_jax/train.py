@@ -11,8 +11,10 @@ and random state. Importable: `train_and_evaluate(config, workdir)`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
+import difflib
 import glob
 import json
 import math
@@ -118,6 +120,9 @@ def preset(dataset: str, arg: str | None = None, **overrides: Any) -> ml_collect
     return c
 
 
+_TRAIN_CLASSIFIERS = ("token", "gap")  # the others keep one output per token
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     """Raises TrainingError naming the first bad value (checked in order, so each check may rely on
     the ones before it, e.g. divisibility on accum_steps >= 1)."""
@@ -129,6 +134,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(
         config.model in models.VARIANTS,
         f"unknown model {config.model!r}; known models: {', '.join(models.VARIANTS)}",
+    )
+    variant = models.VARIANTS[config.model]
+    classifier = config.model_overrides.get("classifier", variant.get("classifier", "token"))
+    require(
+        classifier in _TRAIN_CLASSIFIERS,
+        f"classifier={classifier!r}: training needs one output per image: use token or gap",
     )
     size = config.image_size
     sizes = [size] if isinstance(size, int) else list(size)
@@ -1027,7 +1038,8 @@ def _define_flags():
         "config",
         os.path.join(os.path.dirname(os.path.abspath(__file__)), "defaults.py"),
         "A config file configs/X.py[:arg] (default: train.default_config()); "
-        "--config.KEY=VALUE overrides any field.",
+        "--config.KEY=VALUE overrides any field, --config.model_overrides.ATTR=VALUE any "
+        "VisionTransformer attribute (dropout_rate=0.1, classifier=gap, ...).",
     )
     f.DEFINE_string("model", None, f"Model name, e.g. ViT-B_16 (default {d.model}).")
     f.DEFINE_string(
@@ -1179,7 +1191,8 @@ def run_directory(logdir: str, name: str | None, config: ml_collections.ConfigDi
 def main(argv: list[str] | None = None) -> None:
     from absl import app
 
-    given = list(sys.argv if argv is None else argv)
+    given, model_overrides = _model_override_args(sys.argv if argv is None else argv)
+    sys.argv = argv = given  # absl and ml_collections read the rest
     config_file = _config_file(given)
     if config_file is not None and not os.path.isfile(config_file):
         print(f"error: no config file {config_file} (--config FILE.py[:arg])", file=sys.stderr)
@@ -1229,6 +1242,8 @@ def main(argv: list[str] | None = None) -> None:
                 flags_obj.coordinator_address, flags_obj.num_processes, flags_obj.process_id
             )
             config = config_from_flags(flags_obj)
+            if model_overrides:
+                config.model_overrides = {**config.model_overrides.to_dict(), **model_overrides}
             if jax.process_count() > 1 and not flags_obj.name:
                 raise TrainingError(
                     "a multi-process run needs --name (the same on every process), so that all "
@@ -1262,6 +1277,88 @@ def _interrupted(workdir: str | None) -> str:
         f"interrupted; the latest checkpoint is step {steps[-1]} in {workdir}/checkpoints. Rerun "
         "the same command to resume from it (the steps after it are trained again)"
     )
+
+
+_OVERRIDE_FLAG = "--config.model_overrides."
+# VisionTransformer attributes set elsewhere than model_overrides, and where.
+_OWN_SETTING = {
+    "num_classes": "the dataset sets it",
+    "dtype": "use --dtype",
+    "remat": "use --remat",
+    "parent": "not a model option",
+    "name": "not a model option",
+}
+
+
+def _model_override_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """(argv without them, {attribute: value}) for `--config.model_overrides.ATTR=VALUE` (or
+    `... VALUE`): model_overrides starts empty, so ml_collections would refuse every attribute as
+    an unknown field. VALUE is a Python literal (0.1, 768, None, '(8, 8)') or a bare string (gap);
+    an attribute VisionTransformer lacks, or a value of the wrong kind, exits with one line."""
+    from vit_jax.models import VisionTransformer
+
+    fields = VisionTransformer.__dataclass_fields__
+    rest, overrides = list(argv[:1]), {}
+    args = iter(argv[1:])
+    for arg in args:
+        if not arg.startswith(_OVERRIDE_FLAG):
+            rest.append(arg)
+            continue
+        key, has_value, text = arg[len(_OVERRIDE_FLAG) :].partition("=")
+        if not has_value:
+            text = next(args, "")
+        flag = f"{_OVERRIDE_FLAG}{key}"
+        if key not in fields or key in _OWN_SETTING:
+            options = [k for k in fields if k not in _OWN_SETTING]
+            why = _OWN_SETTING.get(key, "VisionTransformer has no such attribute")
+            if key not in fields and (near := difflib.get_close_matches(key, options, n=1)):
+                why += f"; did you mean {near[0]}?"
+            _usage_error(f"{flag}: {why} (model options: {', '.join(options)})")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: classifier=gap
+        problem = _override_problem(key, value, fields[key].default)
+        if problem:
+            _usage_error(f"{flag}={text}: {problem}")
+        overrides[key] = value
+    return rest, overrides
+
+
+def _override_problem(key: str, value: Any, default: Any) -> str | None:
+    """Why `value` cannot replace the VisionTransformer attribute `key` (default `default`)."""
+
+    def ints(v: Any, length: int | None = None) -> bool:
+        return (
+            isinstance(v, (tuple, list))
+            and (length is None or len(v) == length)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+        )
+
+    def positive_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if key == "patch_size":
+        ok, kind = ints(value, 2), "two integers such as '(16, 16)'"
+    elif key == "resnet_layers":
+        ok, kind = value is None or ints(value), "None or integers such as '(3, 4, 9)'"
+    elif key == "representation_size":
+        ok, kind = value is None or positive_int(value), "None or a positive integer"
+    elif key == "classifier":
+        ok, kind = value in _TRAIN_CLASSIFIERS, " or ".join(_TRAIN_CLASSIFIERS)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        kind = "a number"
+    elif isinstance(default, int) and not isinstance(default, bool):
+        ok, kind = positive_int(value), "a positive integer"
+    else:
+        ok, kind = isinstance(value, type(default)), type(default).__name__
+    return None if ok else f"expected {kind}"
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _config_file(argv: Sequence[str]) -> str | None:
