@@ -1,7 +1,9 @@
-r"""Fine-tune a published ViT on your own images: ROOT/{train,test}/<class>/<image file>.
+r"""Fine-tune a published ViT on your own images: ROOT/{train,test}/<class>/<image file> (val/ or
+validation/ also name the test split), or ROOT/<class>/<image file> with --config.test_fraction.
 
     python -m vit_jax.train --config configs/image_folder.py:/data/flowers --config.model=ViT-B_16
     python -m vit_jax.train --config configs/image_folder.py:/data/flowers,runlocal
+    python -m vit_jax.train --config configs/image_folder.py:/data/pets --config.test_fraction=0.1
 
 Unreadable files stop the run with their name; --config.skip_bad_images=True skips and counts them.
 """

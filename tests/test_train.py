@@ -292,7 +292,8 @@ def test_an_unknown_dataset_name_suggests_the_nearest_and_a_missing_folder_is_na
     with pytest.raises(input_pipeline.DataError) as e:
         train.train_and_evaluate(tiny_config(str(missing)), str(tmp_path / "run"))
     assert str(e.value) == (
-        f"image folder {missing} not found (a folder ROOT with ROOT/{{train,test}}/<class>/<file>)"
+        f"image folder {missing} not found (a folder ROOT with ROOT/{{train,test}}/<class>/<file>, "
+        "or ROOT/<class>/<file>)"
     )
     assert not (tmp_path / "run").exists()
 
@@ -342,9 +343,45 @@ def test_folder_problems_are_found_before_training(tmp_path):
             f.unlink()
         d.rmdir()
     (root / "test").rmdir()
-    with pytest.raises(input_pipeline.DataError, match=r"has no test/ directory"):
+    with pytest.raises(input_pipeline.DataError, match=r"has train/ but no test/ \(or val/"):
         input_pipeline.get_info(config)
     assert not (tmp_path / "run").exists()
+
+
+def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsys):
+    root = _write_folder(tmp_path / "data")
+    (root / "test").rename(root / "val")  # ImageNet's name for it
+    config = tiny_config(str(root))
+    info = input_pipeline.get_info(config)
+    files, _, _, _ = input_pipeline._folder_files(str(root), "test", info.class_names, False)
+    assert len(files) == 6 and all(f"{os.sep}val{os.sep}" in f for f in files)
+    with pytest.raises(input_pipeline.DataError, match=r"has its own test split .*leave it at 0"):
+        input_pipeline.get_info(tiny_config(str(root), test_fraction=0.2))
+
+    # ROOT/<class>/<file>: a share of each class is held out, the same files every time.
+    flat = root / "train"
+    with pytest.raises(input_pipeline.DataError, match=r"class folders but no test split: hold"):
+        input_pipeline.get_info(tiny_config(str(flat)))
+    for i in range(6, 10):  # red: 10 images, blue: 6
+        Image.fromarray(np.full((12, 12, 3), 200, np.uint8)).save(flat / "red" / f"{i}.png")
+    config = tiny_config(str(flat), test_fraction=0.25, batch_eval=4)
+    info = input_pipeline.get_info(config)
+    assert info.class_names == ["blue", "red"]
+    splits = {
+        split: input_pipeline._folder_files(str(flat), split, info.class_names, False, 0.25)
+        for split in ("train", "test")
+    }
+    (train_files, train_labels, _, _), (test_files, test_labels, _, _) = splits.values()
+    assert sorted(train_files + test_files) == sorted(str(p) for p in flat.glob("*/*.png"))
+    assert np.bincount(test_labels).tolist() == [2, 2]  # round(0.25 * 6), round(0.25 * 10)
+    assert np.bincount(train_labels).tolist() == [4, 8]
+    again = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.25)
+    assert again[0] == test_files
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["num_examples"] == 4
+    assert f"test: 4 images, 25% of each class of {flat}, held out of training" in (
+        capsys.readouterr().out
+    )
 
 
 def test_report_counts_support_as_integers_when_predictions_miss():
@@ -629,6 +666,7 @@ def test_bad_batch_is_a_clear_error():
         ({"crop_area": (0.5, 0.2)}, r"^crop_area=\(0.5, 0.2\): use 0 < min <= max <= 1$"),
         ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),
         ({"image_size": 0}, r"^image_size=0: use a positive number of pixels"),
+        ({"test_fraction": 1.0}, r"^test_fraction=1.0 must be in \[0, 1\)"),
         ({"model": "testing-unpooled"}, r"^classifier='token_unpooled': training needs one output"),
     ],
 )

@@ -2,7 +2,8 @@
 
 Three sources, chosen by the `dataset` string of the config:
 - any TFDS image-classification dataset by name (`cifar10`, `imagenet2012`, `oxford_iiit_pet`, ...);
-- an image folder `ROOT/{train,test}/<class>/<file>` (pass `ROOT` as the dataset);
+- an image folder `ROOT/{train,test}/<class>/<file>` (pass `ROOT` as the dataset; `val/` or
+  `validation/` may stand for `test/`), or `ROOT/<class>/<file>` with a held-out `test_fraction`;
 - `digits`: scikit-learn's embedded 8x8 handwritten digits (1797 images), so the job runs offline.
 
 Preprocessing follows the reference: train = random crop of 5-100 % of the area (aspect 3/4-4/3) ->
@@ -17,6 +18,7 @@ multi-host run reads its own shard.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +29,8 @@ from vit_jax.commands import first_line
 from vit_jax.models import image_hw
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+# An image folder's test split: the first of these under ROOT (next to ROOT/train).
+TEST_DIRS = ("test", "val", "validation")
 # What tf.io.decode_image reads, as PIL names the formats (MPO: a camera's multi-picture JPEG).
 TF_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 
@@ -74,25 +78,60 @@ def _splits(config: Any) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- sources
 
 
-def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool) -> tuple:
-    """(files, labels, bad, ignored) of ROOT/split: `bad` lists (path, reason) of the images
-    training could not decode (skipped with `skip_bad`, else a DataError), `ignored` the files
-    whose extension is not an image's.
+def folder_dirs(root: str) -> tuple[str, str | None]:
+    """(train directory, test directory) of an image folder: ROOT/train and the first of
+    ROOT/{test,val,validation}; without ROOT/train, ROOT itself (ROOT/<class>/) and None. A None
+    test directory means the test split is held out of the train images (`test_fraction`)."""
+    train = os.path.join(root, "train")
+    if not os.path.isdir(train):
+        return root, None
+    tests = [os.path.join(root, d) for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
+    return train, (tests[0] if tests else None)
+
+
+def _held_out(paths: list[str], directory: str, fraction: float) -> set[str]:
+    """The images of one class folder that form its share of a held-out test split: round(fraction
+    * n) of them (at least 1 and at most n - 1 when n >= 2), those whose path in the folder has the
+    lowest hashes: the same files in every run and on every process, whatever the seed."""
+    if len(paths) < 2:
+        return set()
+    count = min(max(round(fraction * len(paths)), 1), len(paths) - 1)
+
+    def key(path: str) -> str:
+        return hashlib.sha256(os.path.relpath(path, directory).encode()).hexdigest()
+
+    return set(sorted(paths, key=key)[:count])
+
+
+def _folder_files(
+    root: str, split: str, class_names: list[str], skip_bad: bool, test_fraction: float = 0.0
+) -> tuple:
+    """(files, labels, bad, ignored) of an image folder's 'train' or 'test' split (see
+    `folder_dirs`; without a test directory, `test_fraction` of each class is the test split):
+    `bad` lists (path, reason) of the images training could not decode (skipped with `skip_bad`,
+    else a DataError), `ignored` the files whose extension is not an image's.
 
     Every image is decoded once here, by the decoder training uses: a file that fails would
     otherwise stop the run whenever the shuffle reaches it (PIL's checks pass truncated JPEGs).
     """
     from PIL import Image, UnidentifiedImageError
 
+    train_dir, test_dir = folder_dirs(root)
+    split_dir = test_dir if split == "test" and test_dir else train_dir
+    held_out = test_dir is None and test_fraction > 0
     candidates, bad, ignored, position = [], {}, [], {}
     for label, cls in enumerate(class_names):
-        directory = os.path.join(root, split, cls)
+        directory = os.path.join(split_dir, cls)
         if not os.path.isdir(directory):
             continue
-        for path in _visible_files(directory):
-            if not path.lower().endswith(IMAGE_EXTENSIONS):
-                ignored.append(path)
-                continue
+        paths = list(_visible_files(directory))
+        images = [path for path in paths if path.lower().endswith(IMAGE_EXTENSIONS)]
+        if not held_out or split == "train":  # (a held-out split's are the train split's)
+            ignored += [path for path in paths if not path.lower().endswith(IMAGE_EXTENSIONS)]
+        if held_out:
+            test = _held_out(images, directory, test_fraction)
+            images = [path for path in images if (path in test) == (split == "test")]
+        for path in images:
             position[path] = len(position)
             try:
                 with Image.open(path) as im:  # reads the header only
@@ -118,13 +157,12 @@ def _folder_files(root: str, split: str, class_names: list[str], skip_bad: bool)
     if not kept and bad_list:
         path, reason = bad_list[0]
         raise DataError(
-            f"no readable images under {os.path.join(root, split)}: all {len(bad_list)} were "
+            f"no readable images in {split_dir} ({split}): all {len(bad_list)} were "
             f"skipped as unreadable, e.g. {path} ({reason})"
         )
     if not kept:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {os.path.join(root, split)}"
-        )
+        where = f"the held-out test split of {train_dir}" if held_out else split_dir
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
     files = [path for path, _ in kept]
     return files, np.asarray([label for _, label in kept], np.int64), bad_list, ignored
 
@@ -172,7 +210,7 @@ def _scan(config: Any, info: DatasetInfo, split: str) -> tuple:
     """`_folder_files` of an image folder's split, once per DatasetInfo (so once a run)."""
     if f"{split}_scan" not in info.details:
         info.details[f"{split}_scan"] = _folder_files(
-            config.dataset, split, info.class_names, config.skip_bad_images
+            config.dataset, split, info.class_names, config.skip_bad_images, config.test_fraction
         )
     return info.details[f"{split}_scan"]
 
@@ -181,8 +219,17 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
     """Lines to log about the files an image folder's scan of `split` skipped or ignored."""
     if f"{split}_scan" not in info.details:
         return []
-    _, _, bad, ignored = info.details[f"{split}_scan"]
+    files, _, bad, ignored = info.details[f"{split}_scan"]
     notes = []
+    test_dir = info.details.get("test_dir")
+    if split == "test" and test_dir and os.path.basename(test_dir) != "test":
+        notes.append(f"test: the images of {test_dir}")
+    if split == "test" and "held_out" in info.details:
+        directory, fraction = info.details["held_out"]
+        notes.append(
+            f"test: {len(files)} images, {fraction:.0%} of each class of {directory}, held out of "
+            "training (--config.test_fraction; the same files in every run)"
+        )
     if bad:
         path, reason = bad[0]
         notes.append(
@@ -251,33 +298,52 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
         return DatasetInfo("digits", 10, [str(i) for i in range(10)], "digits")
     if os.path.isdir(config.dataset):
         root = config.dataset
-        train = os.path.join(root, "train")
-        if not os.path.isdir(train):
-            raise DataError(
-                f"image folder {root} has no train/ directory ({{train,test}}/<class>/<file>)"
-            )
+        train, test = folder_dirs(root)
+        flat = train == root  # ROOT/<class>/<file>, no train/
+        layouts = (
+            "ROOT/train/<class>/<file> with ROOT/test/ (or val/, validation/) alike, or "
+            "ROOT/<class>/<file> with --config.test_fraction"
+        )
+        misplaced = [d for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
+        if flat and misplaced:
+            raise DataError(f"image folder {root} has {misplaced[0]}/ but no train/ ({layouts})")
         classes = _class_dirs(train)
         if not classes:
-            raise DataError(f"{train} has no class sub-directories (train/<class>/<file>)")
+            raise DataError(f"image folder {root} has no class folders ({layouts})")
         # Checked now, not when the first evaluation comes after hours of training.
-        test = os.path.join(root, "test")
-        if not os.path.isdir(test):
+        if test is None and not config.test_fraction and flat:
             raise DataError(
-                f"image folder {root} has no test/ directory ({{train,test}}/<class>/<file>)"
+                f"image folder {root} has class folders but no test split: hold out a share of "
+                "each class's images with --config.test_fraction=0.1, or split them into "
+                "ROOT/train/<class>/ and ROOT/test/<class>/"
             )
-        extra = [c for c in _class_dirs(test) if c not in classes]
+        if test is None and not config.test_fraction:
+            raise DataError(
+                f"image folder {root} has train/ but no test/ (or val/, validation/) folder: add "
+                "one with the same class folders, or hold out a share of each class's train "
+                "images with --config.test_fraction=0.1"
+            )
+        if test is not None and config.test_fraction:
+            raise DataError(
+                f"image folder {root} has its own test split ({test}); --config.test_fraction "
+                "is for folders without one: leave it at 0"
+            )
+        extra = [c for c in _class_dirs(test) if c not in classes] if test else []
         if extra:
             raise DataError(
                 f"{test} has class folders that {train} lacks ({', '.join(extra)}): a model "
                 "trained on train/'s classes cannot be scored on them; add them to train/ too, "
                 "or remove them"
             )
-        for split in (train, test):
+        for split in (train, test) if test else (train,):
             if not any(_has_image(os.path.join(split, c)) for c in _class_dirs(split)):
                 raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split}")
         info = DatasetInfo(
             os.path.basename(os.path.normpath(root)), len(classes), classes, "folder"
         )
+        if test is None:
+            info.details["held_out"] = (train, config.test_fraction)
+        info.details["test_dir"] = test
         if download:  # every image checked now, not when the shuffle or an evaluation reaches it
             for split in ("train", "test"):
                 _scan(config, info, split)
@@ -290,7 +356,7 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
         if os.sep in config.dataset or config.dataset.startswith((".", "~")):
             raise DataError(
                 f"image folder {config.dataset} not found (a folder ROOT with "
-                "ROOT/{train,test}/<class>/<file>)"
+                "ROOT/{train,test}/<class>/<file>, or ROOT/<class>/<file>)"
             ) from None
         import difflib
 

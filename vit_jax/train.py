@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.crop_area = (0.05, 1.0)  # random crop, fraction of the image area
     c.random_flip = True
     c.shuffle_buffer = 50_000
+    # Image folders without ROOT/test/ (or val/): this share of each class's images is the test
+    # split (chosen by a hash of the file names: the same in every run); 0 = require a test folder.
+    c.test_fraction = 0.0
     c.skip_bad_images = False  # image folders: skip (and count) unreadable files instead of failing
     c.pretrained = ""  # explicit .npz path / gs:// / https://
     c.vit_pretrained_dir = "."  # where {model}.npz is looked for when `pretrained` is empty
@@ -159,6 +162,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         config.grad_norm_clip >= 0, f"grad_norm_clip={config.grad_norm_clip} must be >= 0 (0 = off)"
     )
     require(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1)")
+    require(
+        0 <= config.test_fraction < 1,
+        f"test_fraction={config.test_fraction} must be in [0, 1) (0 = the folder's own test/)",
+    )
     require(
         config.cpu_block_tokens >= 0,
         f"cpu_block_tokens={config.cpu_block_tokens} must be >= 0 (0 turns blocking off)",
@@ -1046,7 +1053,8 @@ def _define_flags():
         "dataset",
         None,
         "TFDS name (cifar10, cifar100, imagenet2012, ...), an image folder "
-        f"ROOT with ROOT/{{train,test}}/<class>/<file>, or 'digits' (default {d.dataset}).",
+        f"ROOT with ROOT/{{train,test}}/<class>/<file> (or ROOT/<class>/<file> and "
+        f"--config.test_fraction), or 'digits' (default {d.dataset}).",
     )
     f.DEFINE_string(
         "name",
