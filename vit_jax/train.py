@@ -1303,9 +1303,7 @@ def _model_override_args(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]
     `... VALUE`): model_overrides starts empty, so ml_collections would refuse every attribute as
     an unknown field. VALUE is a Python literal (0.1, 768, None, '(8, 8)') or a bare string (gap);
     an attribute VisionTransformer lacks, or a value of the wrong kind, exits with one line."""
-    from vit_jax.models import VisionTransformer
-
-    fields = VisionTransformer.__dataclass_fields__
+    fields = models.VisionTransformer.__dataclass_fields__
     rest, overrides = list(argv[:1]), {}
     args = iter(argv[1:])
     for arg in args:
