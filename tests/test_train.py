@@ -605,10 +605,12 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mo
         f"{tmp_path / 'resumed' / 'checkpoints'}\nlayout: orbax "
         "checkpoint written by vit_jax.train (its params)",
     )
+    # checkpoint.load reads the run directory itself; read_npz, for .npz files only, says what to do.
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.load(str(tmp_path / "resumed")), b)
     with pytest.raises(
         checkpoint.CheckpointError, match=r"is a directory, not an \.npz; .* convert"
     ):
-        checkpoint.load(str(tmp_path / "resumed"))
+        checkpoint.read_npz(str(tmp_path / "resumed"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -637,6 +639,28 @@ def test_fine_tune_from_published_npz_at_another_resolution(tmp_path):
     out = checkpoint.load(str(tmp_path / "run" / "model.npz"))
     assert out["Transformer"]["posembed_input"]["pos_embedding"].shape == (1, 10, 10)  # 3x3 + cls
     assert out["head"]["kernel"].shape == (10, 10) and "pre_logits" not in out
+
+    # Another run's directory (its latest orbax checkpoint) is a checkpoint to start from too.
+    config.pretrained = str(tmp_path / "run")
+    config.image_size = 32
+    train.train_and_evaluate(config, str(tmp_path / "run2"))
+    before = checkpoint.load_orbax_params(str(tmp_path / "run"))
+    after = checkpoint.load(str(tmp_path / "run2" / "model.npz"))
+    assert not np.array_equal(before["head"]["kernel"], after["head"]["kernel"])  # trained anew
+    # A checkpoint that cannot be used stops the run before its directory exists.
+    for bad, message in (
+        (str(tmp_path), r"is not an orbax checkpoint written by vit_jax.train"),
+        (str(tmp_path / "run" / "model.npz"), r"model.npz does not fit the model"),
+    ):
+        config.pretrained = bad
+        if bad.endswith(".npz"):
+            config.model_overrides = {"hidden_size": 12}
+        with pytest.raises(train.TrainingError, match=message):
+            train.train_and_evaluate(config, str(tmp_path / "run3"))
+        assert not (tmp_path / "run3").exists()
+    config.from_scratch = True
+    with pytest.raises(train.TrainingError, match=r"^from_scratch=True would ignore pretrained="):
+        train.train_and_evaluate(config, str(tmp_path / "run3"))
 
 
 def test_bad_batch_is_a_clear_error():

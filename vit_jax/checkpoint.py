@@ -246,10 +246,14 @@ def normalize(flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
 
 
 def load(path: str) -> Params:
-    """Reads a checkpoint (local path, gs:// or http(s)://) into a nested dict of numpy arrays.
+    """Reads a checkpoint into a nested dict of numpy arrays: an `.npz` (local path, gs:// or
+    http(s)://), or a local directory of `vit_jax.train`'s orbax checkpoints (a run directory, its
+    checkpoints/ or best/: the latest step; see `load_orbax_params`).
 
     The tree has the published names whatever the file's layout (see the module docstring).
     """
+    if not _is_url(path) and os.path.isdir(_expand(path)):
+        return load_orbax_params(path)
     flat, _ = normalize(read_npz(path))
     return unflatten_dict(flat, sep="/")
 
@@ -590,7 +594,10 @@ def load_orbax_params(directory: str) -> Params:
         return jax.tree.map(np.asarray, restore(os.path.join(directory, "params")))
     item = os.path.join(directory, "state")
     if not os.path.isdir(item):
-        raise CheckpointError(f"{directory} is not an orbax checkpoint written by vit_jax.train")
+        raise CheckpointError(
+            f"{directory} is not an orbax checkpoint written by vit_jax.train (give a run "
+            "directory, its checkpoints/ or best/, one step of them, or an .npz file)"
+        )
     tree = restore(item)
     if "params" not in tree:
         raise CheckpointError(f"{item} holds no 'params' (keys: {sorted(tree)})")
@@ -636,8 +643,7 @@ def convert(src: str, dst: str, overwrite: bool = False) -> str:
         raise CheckpointError(
             f"{dst} exists; choose another name, or pass --overwrite to replace it"
         )
-    params = load_orbax_params(src) if os.path.isdir(src) else load(src)
-    return save(params, dst)
+    return save(load(src), dst)
 
 
 @interruptible

@@ -65,7 +65,7 @@ def default_config() -> ml_collections.ConfigDict:
     # split (chosen by a hash of the file names: the same in every run); 0 = require a test folder.
     c.test_fraction = 0.0
     c.skip_bad_images = False  # image folders: skip (and count) unreadable files instead of failing
-    c.pretrained = ""  # explicit .npz path / gs:// / https://
+    c.pretrained = ""  # explicit .npz path / gs:// / https://, or a vit_jax.train run directory
     c.vit_pretrained_dir = "."  # where {model}.npz is looked for when `pretrained` is empty
     c.from_scratch = False
     c.total_steps = 10_000
@@ -160,6 +160,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         require(config[name] >= 0, f"{name}={config[name]} must be >= 0")
     require(
         config.grad_norm_clip >= 0, f"grad_norm_clip={config.grad_norm_clip} must be >= 0 (0 = off)"
+    )
+    require(
+        not (config.from_scratch and config.pretrained),
+        f"from_scratch=True would ignore pretrained={config.pretrained!r}: drop one (a preset "
+        "that trains from scratch, such as configs/digits.py, starts from a checkpoint with "
+        "--nofrom_scratch)",
     )
     require(0 <= config.momentum < 1, f"momentum={config.momentum} must be in [0, 1)")
     require(
@@ -727,13 +733,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except ValueError as e:
         raise TrainingError(str(e)) from None
     resuming = bool(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")))
-    if not resuming and not config.from_scratch:
-        try:  # a missing file (or failed download) stops the run before it writes anything
-            checkpoint.resolve(pretrained_path(config))
-        except checkpoint.CheckpointError as e:
-            raise TrainingError(f"{e}\nOr train from random weights with --from_scratch.") from None
-    os.makedirs(workdir, exist_ok=True)  # only once the configuration has been checked
     tx = make_optimizer(config)
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
     def init_params(key):
         return model.init(key, jnp.zeros((1, *hw, 3), jnp.float32), train=False)["params"]
@@ -744,6 +745,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+
+    def fresh_params() -> Any:
+        """Initialised params, or the pretrained checkpoint's adapted to the model."""
+        params = jax.jit(init_params, out_shardings=shardings["params"])(
+            jax.random.key(config.seed)
+        )
+        if config.from_scratch:
+            return params
+        path = pretrained_path(config)
+        try:
+            loaded = checkpoint.load_pretrained(
+                pretrained_path=path,
+                init_params=parallel.to_host(params),
+                model_config=model,
+                grid_size=grid,
+            )
+        except checkpoint.CheckpointError as e:
+            raise TrainingError(f"{e}\nOr train from random weights with --from_scratch.") from None
+        log(f"initialised from {path}")
+        return parallel.put(loaded, shardings["params"])
+
+    # A new run reads its checkpoint first: one that cannot be used stops it before it writes.
+    params = None if resuming else fresh_params()
+    os.makedirs(workdir, exist_ok=True)  # only once the configuration has been checked
     # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
     # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
     options = ocp.CheckpointManagerOptions(
@@ -764,7 +789,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         else None
     )
     start = manager.latest_step()
-    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     progress = Progress(config)
 
     if start is not None:
@@ -789,26 +813,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for stale in [s for s in best_manager.all_steps() if s > start]:
                 best_manager.delete(stale)
     else:
-        params = jax.jit(init_params, out_shardings=shardings["params"])(
-            jax.random.key(config.seed)
-        )
-        if not config.from_scratch:
-            path = pretrained_path(config)
-            try:
-                loaded = checkpoint.load_pretrained(
-                    pretrained_path=path,
-                    init_params=parallel.to_host(params),
-                    model_config=model,
-                    grid_size=grid,
-                )
-            except checkpoint.CheckpointError as e:
-                raise TrainingError(
-                    f"{e}\nOr train from random weights with --from_scratch."
-                ) from None
-            params = parallel.put(loaded, shardings["params"])
-            log(f"initialised from {path}")
+        params = fresh_params() if params is None else params
         state = jax.jit(lambda p: initial_state(p, tx), out_shardings=shardings)(params)
         start = 0
+    del params  # the state holds them (and a step donates its buffers)
 
     train_step = make_train_step(model, tx, config, mesh, shardings)
     eval_step = make_eval_step(model, config.cpu_block_tokens)
@@ -1069,7 +1077,10 @@ def _define_flags():
         f"Directory holding the published {{model}}.npz files (default {d.vit_pretrained_dir!r}).",
     )
     f.DEFINE_string(
-        "pretrained", None, "Explicit checkpoint to fine-tune from (.npz path, gs://, https://)."
+        "pretrained",
+        None,
+        "Explicit checkpoint to fine-tune from (.npz path, gs://, https://, or another run's "
+        "directory: its latest checkpoint).",
     )
     f.DEFINE_bool("from_scratch", None, "Start from random weights instead of a checkpoint.")
     f.DEFINE_integer("total_steps", None, f"Number of update steps (default {d.total_steps}).")
