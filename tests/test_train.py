@@ -235,7 +235,16 @@ def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert str(e.value).startswith("TFDS dataset 'cifar10' has no split 'validation' (")
     assert "its splits: train, test. Choose one with --config.test_split=..." in str(e.value)
-    config.test_split = ""
+    config.test_split = "train[50%:]"  # half of it is in the preset's train split, train[:98%]
+    with pytest.raises(input_pipeline.DataError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert str(e.value).startswith(
+        "the train split 'train[:98%]' and the test split 'train[50%:]' of TFDS dataset 'cifar10' "
+        "share 5 examples, so the test accuracy would count images the model trained on"
+    )
+    config.train_split = "train[:50%]"  # disjoint now: 5 train, 5 test examples
+    assert train.train_and_evaluate(config, str(tmp_path / "halves"))["num_examples"] == 5
+    config.train_split = config.test_split = ""
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["num_examples"] == 6 and result["step"] == config.total_steps
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())

@@ -381,12 +381,41 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
                 raise DataError(
                     f"TFDS dataset {config.dataset!r} has no split {spec!r} "
                     f"({first_line(e)[:200]}); its splits: {', '.join(builder.info.splits)}. "
-                    f"Choose one with --config.{field}=..., "
-                    "e.g. --config.test_split='train[90%:]'"
+                    f"Choose one with --config.{field}=..., or carve both out of one split: "
+                    "--config.train_split='train[:90%]' --config.test_split='train[90%:]'"
                 ) from None
+        if builder.info.splits:
+            _check_disjoint(builder, config)
     label = builder.info.features[config.label_key]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     return DatasetInfo(config.dataset, label.num_classes, names, "tfds")
+
+
+def _check_disjoint(builder: Any, config: Any) -> None:
+    """Refuses train and test splits that share examples (`train` with `test_split='train[90%:]'`):
+    the test accuracy would count images the model was trained on."""
+    train_spec, test_spec = _splits(config)
+
+    def ranges(spec: str) -> list[tuple[str, int, int]]:
+        out = []
+        for fi in builder.info.splits[spec].file_instructions:
+            end = fi.examples_in_shard if fi.take < 0 else fi.skip + fi.take
+            out.append((fi.filename, fi.skip, end))
+        return out
+
+    shared = sum(
+        max(0, min(end_a, end_b) - max(start_a, start_b))
+        for file_a, start_a, end_a in ranges(train_spec)
+        for file_b, start_b, end_b in ranges(test_spec)
+        if file_a == file_b
+    )
+    if shared:
+        raise DataError(
+            f"the train split {train_spec!r} and the test split {test_spec!r} of TFDS dataset "
+            f"{config.dataset!r} share {shared} examples, so the test accuracy would count images "
+            "the model trained on; make them disjoint, e.g. --config.train_split='train[:90%]' "
+            "--config.test_split='train[90%:]'"
+        )
 
 
 def _check_features(builder: Any, config: Any) -> None:
