@@ -328,15 +328,38 @@ def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
     assert ignored == [str(nested / "notes.txt")]  # hidden files are neither images nor ignored
 
 
+def test_folders_without_images_are_not_classes(tmp_path):
+    # A zip made on a Mac holds __MACOSX/ (only hidden ._ files); each such folder was a class
+    # that no image trained, in the head and in every macro average.
+    root = _write_folder(tmp_path / "data")
+    for split in ("train", "test"):
+        (root / split / "__MACOSX" / "red").mkdir(parents=True)
+        (root / split / "__MACOSX" / "red" / "._0.png").write_bytes(b"resource fork")
+    (root / "train" / "empty").mkdir()
+    (root / "test" / "notes").mkdir()
+    (root / "test" / "notes" / "readme.txt").write_text("no images here")
+    config = tiny_config(str(root))
+    info = input_pipeline.get_info(config, download=True)
+    assert info.class_names == ["blue", "red"] and info.num_classes == 2
+    assert input_pipeline.data_notes(info, "train") == [
+        "train: left out 2 folder(s) without images, which are not classes: __MACOSX, empty"
+    ]
+    assert input_pipeline.data_notes(info, "test")[0] == (
+        "test: left out 2 folder(s) without images, which are not classes: __MACOSX, notes"
+    )
+
+
 def test_folder_problems_are_found_before_training(tmp_path):
     # Each would otherwise surface at the first evaluation, after the training steps before it.
     root = _write_folder(tmp_path / "data")
     config = tiny_config(str(root))
     (root / "test" / "green").mkdir()
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(root / "test" / "green" / "0.png")
     with pytest.raises(
-        input_pipeline.DataError, match=r"test has class folders that .*train lacks"
+        input_pipeline.DataError, match=r"test has class folders that .*train lacks \(green\)"
     ):
         input_pipeline.get_info(config)
+    (root / "test" / "green" / "0.png").unlink()
     (root / "test" / "green").rmdir()
     (root / "test" / "red" / "0.png").write_bytes(b"not a png")  # a test image, checked up front
     with pytest.raises(input_pipeline.DataError, match=r"^unreadable image .*test/red/0\.png"):

@@ -221,6 +221,13 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
         return []
     files, _, bad, ignored = info.details[f"{split}_scan"]
     notes = []
+    without = info.details.get("without_images", {}).get(split)
+    if without:
+        notes.append(
+            f"{split}: left out {len(without)} folder(s) without images, which are not classes: "
+            + ", ".join(without[:5])
+            + (", ..." if len(without) > 5 else "")
+        )
     test_dir = info.details.get("test_dir")
     if split == "test" and test_dir and os.path.basename(test_dir) != "test":
         notes.append(f"test: the images of {test_dir}")
@@ -307,9 +314,15 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
         misplaced = [d for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
         if flat and misplaced:
             raise DataError(f"image folder {root} has {misplaced[0]}/ but no train/ ({layouts})")
-        classes = _class_dirs(train)
-        if not classes:
+        folders = _class_dirs(train)
+        if not folders:
             raise DataError(f"image folder {root} has no class folders ({layouts})")
+        # A folder without images (__MACOSX from a zip, an empty one) is not a class: it would
+        # add a head output that no image trains.
+        classes = [c for c in folders if _has_image(os.path.join(train, c))]
+        if not classes:
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {train}")
+        without_images = {"train": [c for c in folders if c not in classes]}
         # Checked now, not when the first evaluation comes after hours of training.
         if test is None and not config.test_fraction and flat:
             raise DataError(
@@ -328,19 +341,25 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
                 f"image folder {root} has its own test split ({test}); --config.test_fraction "
                 "is for folders without one: leave it at 0"
             )
-        extra = [c for c in _class_dirs(test) if c not in classes] if test else []
-        if extra:
-            raise DataError(
-                f"{test} has class folders that {train} lacks ({', '.join(extra)}): a model "
-                "trained on train/'s classes cannot be scored on them; add them to train/ too, "
-                "or remove them"
-            )
-        for split in (train, test) if test else (train,):
-            if not any(_has_image(os.path.join(split, c)) for c in _class_dirs(split)):
-                raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split}")
+        if test:
+            test_folders = _class_dirs(test)
+            test_classes = [c for c in test_folders if _has_image(os.path.join(test, c))]
+            without_images["test"] = [
+                c for c in test_folders if c not in test_classes and c not in classes
+            ]
+            extra = [c for c in test_classes if c not in classes]
+            if extra:
+                raise DataError(
+                    f"{test} has class folders that {train} lacks ({', '.join(extra)}): a model "
+                    "trained on train/'s classes cannot be scored on them; add them to train/ "
+                    "too, or remove them"
+                )
+            if not test_classes:
+                raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {test}")
         info = DatasetInfo(
             os.path.basename(os.path.normpath(root)), len(classes), classes, "folder"
         )
+        info.details["without_images"] = without_images
         if test is None:
             info.details["held_out"] = (train, config.test_fraction)
         info.details["test_dir"] = test
