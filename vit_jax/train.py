@@ -802,8 +802,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         except ValueError as e:  # other shapes or another optimizer's state
             raise TrainingError(
                 f"{workdir} holds the checkpoint of a run with other settings (step {start}: "
-                f"{first_line(e)}); a run resumes only with the model, image size and optimizer it "
-                "started with. Give a new run its own --name (a run directory is reused when "
+                f"{first_line(e)}); a run resumes only with the model, number of classes, image "
+                "size and optimizer it started with. Give a new run its own --name (a run directory is reused when "
                 "--name is left out and an unfinished run of the same model and dataset exists)."
             ) from None
         state = restored["state"]
