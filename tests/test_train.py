@@ -317,14 +317,23 @@ def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
         hidden.mkdir()
         Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(hidden / "copy.png")
     (nested / "._late.png").write_bytes(b"macOS resource fork, not an image")
+    # A linked folder counts (datasets are often assembled with links); a link up the tree does not.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(elsewhere / "linked.png")
+    (root / "train" / "red" / "more").symlink_to(elsewhere, target_is_directory=True)
+    (nested / "loop").symlink_to(root / "train", target_is_directory=True)
     info = input_pipeline.get_info(tiny_config(str(root)))
     files, labels, _, ignored = input_pipeline._folder_files(
         str(root), "train", info.class_names, False
     )
     pairs = zip(files, labels, strict=True)
     red = [os.path.relpath(f, root / "train" / "red") for f, y in pairs if y == 1]
-    assert red == [f"{i}.png" for i in range(6)] + [os.path.join("2024", "day1", "late.png")]
-    assert len(files) == 13 and info.class_names == ["blue", "red"]
+    assert red == [f"{i}.png" for i in range(6)] + [
+        os.path.join("2024", "day1", "late.png"),
+        os.path.join("more", "linked.png"),
+    ]
+    assert len(files) == 14 and info.class_names == ["blue", "red"]
     assert ignored == [str(nested / "notes.txt")]  # hidden files are neither images nor ignored
 
 

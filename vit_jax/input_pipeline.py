@@ -262,8 +262,15 @@ def _class_dirs(split_dir: str) -> list[str]:
 
 def _visible_files(directory: str) -> Iterator[str]:
     """Files under `directory`, sub-folders included, in a fixed (sorted) order; hidden folders
-    and files (.ipynb_checkpoints, macOS ._*) left out."""
-    for here, folders, names in os.walk(directory):
+    and files (.ipynb_checkpoints, macOS ._*) left out. Symbolic links to folders are followed,
+    each real folder once; a link to a folder that holds `directory` (a loop) is not followed."""
+    top, seen = os.path.realpath(directory), set()
+    for here, folders, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen or (real != top and top.startswith(real + os.sep)):
+            folders[:] = []
+            continue
+        seen.add(real)
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(names):
             if not name.startswith("."):
