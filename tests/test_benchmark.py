@@ -83,10 +83,12 @@ def test_out_of_memory_step_reports_its_buffers_and_what_to_try(monkeypatch, cap
 
 def test_peak_of_fake_devices_is_measured_at_once():
     # Four fake CPU devices share this machine's cores: together they are not 4x faster than one.
+    # 1024, not smaller: a 512 product takes about 1.5 ms on a slow 2-core machine, and one slow
+    # step in five put the ratio above 2 (2.16 once; 1.04-1.23 at 1024 in five runs there).
     code = (
         "import jax, jax.numpy as jnp; from vit_jax import benchmark\n"
-        "one = benchmark.matmul_peak_gflops(jnp.float32, 512, 5, jax.devices()[:1])\n"
-        "four = benchmark.matmul_peak_gflops(jnp.float32, 512, 5)\n"
+        "one = benchmark.matmul_peak_gflops(jnp.float32, 1024, 5, jax.devices()[:1])\n"
+        "four = benchmark.matmul_peak_gflops(jnp.float32, 1024, 5)\n"
         "print(jax.device_count(), four / one)\n"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

@@ -1,6 +1,7 @@
 """Multi-process training (2 processes x 2 CPU devices over gloo == 1 process x 4 devices), FSDP and
 remat switches, bfloat16 tolerance. Each run is a subprocess with its own fake device count."""
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -69,6 +70,14 @@ def _single(workdir, devices: int, **overrides) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _singles(*runs: tuple) -> list[dict]:
+    """`_single(*run)` for each run, side by side (a tiny model's run is mostly start-up and
+    compilation, which use one core)."""
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(_single, *run[:-1], **run[-1]) for run in runs]
+    return [f.result() for f in futures]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -116,9 +125,9 @@ def _multi(
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
-    # Each run stops at step 3 (total_steps=3), then a second run resumes to step 6: the checkpoint is
-    # written and restored collectively by both processes.
-    _single(tmp_path / "one", 4, total_steps=3)
+    # The two-process run stops at step 3 (total_steps=3), then a second one resumes to step 6: the
+    # checkpoint is written and restored collectively by both processes, and the resumed run ends
+    # like one process's uninterrupted run (resuming is exact: test_train's interrupted run).
     one = _single(tmp_path / "one", 4, total_steps=6)
     _multi(tmp_path / "two", 2, 2, total_steps=3)
     two = _multi(tmp_path / "two", 2, 2, total_steps=6)
@@ -150,8 +159,10 @@ def test_processes_prepare_a_tfds_dataset_one_after_another(tmp_path):
 
 
 def test_fsdp_and_remat_change_nothing_and_compose_with_accumulation(tmp_path):
-    base = _single(tmp_path / "base", 4, accum_steps=2)
-    levers = _single(tmp_path / "levers", 4, accum_steps=2, shard_params=True, remat=True)
+    base, levers = _singles(
+        (tmp_path / "base", 4, dict(accum_steps=2)),
+        (tmp_path / "levers", 4, dict(accum_steps=2, shard_params=True, remat=True)),
+    )
     np.testing.assert_allclose(levers["losses"], base["losses"], rtol=1e-5)
     assert levers["accuracy"] == base["accuracy"]
 
@@ -162,9 +173,13 @@ def test_cpu_blocks_on_four_devices_change_nothing(tmp_path):
     no_dropout = dict(
         hidden_size=16, mlp_dim=32, num_heads=2, num_layers=1, patch_size=(4, 4), dropout_rate=0.0
     )
-    base = _single(tmp_path / "base", 4, accum_steps=2, model_overrides=no_dropout)
-    blocks = _single(
-        tmp_path / "blocks", 4, accum_steps=2, cpu_block_tokens=5, model_overrides=no_dropout
+    base, blocks = _singles(
+        (tmp_path / "base", 4, dict(accum_steps=2, model_overrides=no_dropout)),
+        (
+            tmp_path / "blocks",
+            4,
+            dict(accum_steps=2, cpu_block_tokens=5, model_overrides=no_dropout),
+        ),
     )
     np.testing.assert_allclose(blocks["losses"], base["losses"], rtol=1e-5)
     assert blocks["accuracy"] == base["accuracy"]
@@ -192,8 +207,7 @@ def test_split_rows_interleaves_and_merge_rows_undoes_it():
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):
-    f32 = _single(tmp_path / "f32", 1)
-    bf16 = _single(tmp_path / "bf16", 1, dtype="bfloat16")
+    f32, bf16 = _singles((tmp_path / "f32", 1, {}), (tmp_path / "bf16", 1, dict(dtype="bfloat16")))
     # Stated tolerance: per-step training loss within 2 % (relative) of float32 on this tiny run.
     np.testing.assert_allclose(bf16["losses"], f32["losses"], rtol=0.02)
     assert not np.array_equal(bf16["losses"], f32["losses"])

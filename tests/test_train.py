@@ -1,5 +1,6 @@
 """Fine-tuning: end-to-end runs (mock CIFAR-10, image folder, digits), accumulation, devices, resume."""
 
+import concurrent.futures
 import io
 import json
 import os
@@ -567,8 +568,8 @@ _DEVICE_SCRIPT = textwrap.dedent(
 
 def test_eight_devices_give_the_same_losses_as_one(tmp_path):
     script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"))
-    out = {}
-    for n in (1, 8):
+
+    def run(n: int) -> dict:
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
         proc = subprocess.run(
             [sys.executable, "-c", script, str(tmp_path / f"d{n}")],
@@ -579,7 +580,10 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
             cwd=REPO,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        out[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # side by side: mostly compilation
+        out = dict(zip((1, 8), pool.map(run, (1, 8)), strict=True))
     assert out[1]["devices"] == 1 and out[8]["devices"] == 8
     np.testing.assert_allclose(out[8]["losses"], out[1]["losses"], rtol=1e-5)
     assert out[8]["acc"] == out[1]["acc"]
@@ -766,87 +770,76 @@ def _cli(*args, cwd=REPO):
 
 def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
     root = _write_folder(tmp_path / "data")
-    common = [
-        "--logdir",
-        str(tmp_path / "runs"),
-        "--total_steps",
-        "2",
-        "--batch",
-        "4",
-        "--accum_steps",
-        "1",
-    ]
-    ok = _cli(
-        "--model",
-        "testing",
-        "--dataset",
-        str(root),
-        "--from_scratch",
-        "--image_size",
-        "32",
-        "--batch_eval",
-        "4",
-        "--name",
-        "cli",
-        *common,
-    )
+    common = ["--logdir", str(tmp_path / "runs"), "--total_steps", "2", "--batch", "4"]
+    common += ["--accum_steps", "1"]
+    commands = {
+        "ok": ["--model", "testing", "--dataset", str(root), "--from_scratch", "--image_size", "32",
+               "--batch_eval", "4", "--name", "cli", *common],
+        "missing_weights": ["--model", "ViT-B_16", "--dataset", str(root), "--vit_pretrained_dir",
+                            str(tmp_path), *common],
+        "unknown": ["--config", "configs/digits.py", "--config.no_such_key=1", *common],
+        "typo": ["--config", "configs/digits.py", "--config.model_overrides.hiden_size=3"],
+        "missing_config": ["--config", "configs/nope.py:runlocal"],
+        "no_file": ["--config.log_every=0", *common],
+        "no_root": ["--config", "configs/image_folder.py"],
+        "preset_typo": ["--config", "configs/cifar10.py:ViT-B16"],
+        "wrong_type": ["--batch", "abc"],
+        "help": ["--help"],
+    }  # fmt: skip
+    # Side by side: each refusal is mostly the interpreter starting and importing.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = {name: pool.submit(_cli, *args) for name, args in commands.items()}
+    runs = {name: f.result() for name, f in futures.items()}
+
+    ok = runs["ok"]
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "test accuracy" in ok.stdout
     assert os.path.exists(tmp_path / "runs" / "cli" / "model.npz")
 
-    missing = _cli(
-        "--model",
-        "ViT-B_16",
-        "--dataset",
-        str(root),
-        "--vit_pretrained_dir",
-        str(tmp_path),
-        *common,
-    )
+    missing = runs["missing_weights"]
     assert missing.returncode == 2
     assert "ViT-B_16.npz not found" in missing.stderr and "gs://vit_models" in missing.stderr
     assert "--from_scratch" in missing.stderr and "Traceback" not in missing.stderr
     assert os.listdir(tmp_path / "runs") == ["cli"]  # the failed start left no run directory
 
-    unknown = _cli("--config", "configs/digits.py", "--config.no_such_key=1", *common)
+    unknown = runs["unknown"]
     assert unknown.returncode == 2 and unknown.stderr.splitlines() == [
         "error: --config.no_such_key: the config has no field 'no_such_key'. "
         "(train.default_config() lists every field, with its meaning)"
     ]
-    typo = _cli("--config", "configs/digits.py", "--config.model_overrides.hiden_size=3")
+    typo = runs["typo"]
     assert typo.returncode == 2 and "Traceback" not in typo.stderr
     assert typo.stderr.startswith(
         "error: --config.model_overrides.hiden_size: VisionTransformer has no such attribute; "
         "did you mean hidden_size? (model options: patch_size, hidden_size,"
     )
-    missing = _cli("--config", "configs/nope.py:runlocal")
+    missing = runs["missing_config"]
     assert missing.returncode == 2
     assert missing.stderr == "error: no config file configs/nope.py (--config FILE.py[:arg])\n"
     # --config.KEY works without a --config file (it then overrides train.default_config()).
-    no_file = _cli("--config.log_every=0", *common)
+    no_file = runs["no_file"]
     assert no_file.returncode == 2 and no_file.stderr == "error: log_every=0 must be >= 1\n"
 
     # A config file's own error, and a flag value of the wrong type: one line each, status 2.
-    no_root = _cli("--config", "configs/image_folder.py")
+    no_root = runs["no_root"]
     assert no_root.returncode == 2 and no_root.stderr.splitlines() == [
         "error: --config configs/image_folder.py: ValueError: give the image folder: "
         "--config configs/image_folder.py:/path/to/ROOT"
     ]
-    typo = _cli("--config", "configs/cifar10.py:ViT-B16")
+    typo = runs["preset_typo"]
     assert typo.returncode == 2 and len(typo.stderr.splitlines()) == 1
     assert typo.stderr.startswith(
         "error: --config configs/cifar10.py: ValueError: 'ViT-B16' is neither a model nor "
         "'runlocal' (the preset's argument is MODEL[,runlocal]; models: testing, "
     )
-    wrong_type = _cli("--batch", "abc")
+    wrong_type = runs["wrong_type"]
     assert wrong_type.returncode == 2 and wrong_type.stderr == (
         "error: flag --batch=abc: invalid literal for int() with base 10: 'abc' "
         "(--helpshort lists the flags)\n"
     )
 
-    helptext = _cli("--help")
     for flag in ("--accum_steps", "--vit_pretrained_dir", "--decay_type", "--tfds_manual_dir"):
-        assert flag in helptext.stdout
+        assert flag in runs["help"].stdout
 
 
 def test_cli_on_mock_cifar10(tmp_path):
