@@ -128,9 +128,11 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     # The two-process run stops at step 3 (total_steps=3), then a second one resumes to step 6: the
     # checkpoint is written and restored collectively by both processes, and the resumed run ends
     # like one process's uninterrupted run (resuming is exact: test_train's interrupted run).
-    one = _single(tmp_path / "one", 4, total_steps=6)
-    _multi(tmp_path / "two", 2, 2, total_steps=3)
-    two = _multi(tmp_path / "two", 2, 2, total_steps=6)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # the one-process run alongside
+        single = pool.submit(_single, tmp_path / "one", 4, total_steps=6)
+        _multi(tmp_path / "two", 2, 2, total_steps=3)
+        two = _multi(tmp_path / "two", 2, 2, total_steps=6)
+    one = single.result()
     assert (one["devices"], one["processes"]) == (4, 1)
     assert (two["devices"], two["processes"]) == (4, 2)
     assert len(two["losses"]) == 6
