@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.skip_bad_images = True
     info = input_pipeline.get_info(config)
-    files, _, bad, _ = input_pipeline._folder_files(str(root), "train", info.class_names, True)
+    files, _, bad, _, _ = input_pipeline._folder_files(str(root), "train", info.class_names, True)
     assert len(files) == 12 and [os.path.basename(path) for path, _ in bad] == ["broken.jpg"]
     assert train.train_and_evaluate(config, str(tmp_path / "run2"))["num_examples"] == 6
 
@@ -117,7 +118,7 @@ def test_images_beyond_pils_size_limit_are_left_to_tensorflow(tmp_path, monkeypa
     # OSError); TensorFlow decodes them, so the scan must not stop on them.
     root = _write_folder(tmp_path / "data")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # errors above 2x this: 20x20 px and up
-    files, _, bad, _ = input_pipeline._folder_files(str(root), "train", ["blue", "red"], False)
+    files, _, bad, _, _ = input_pipeline._folder_files(str(root), "train", ["blue", "red"], False)
     assert len(files) == 12 and not bad
 
 
@@ -144,7 +145,7 @@ def test_images_tensorflow_cannot_decode_are_found_before_training(tmp_path, cap
         "jpeg::Uncompress failed. Invalid JPEG data or crop window.) and 3 more; remove or replace"
     )
     info = input_pipeline.get_info(config)
-    files, _, bad, ignored = input_pipeline._folder_files(
+    files, _, bad, ignored, _ = input_pipeline._folder_files(
         str(root), "train", info.class_names, True
     )
     assert [(os.path.basename(path), reason) for path, reason in bad] == [
@@ -176,7 +177,9 @@ def test_images_tensorflow_cannot_decode_are_found_before_training(tmp_path, cap
 
     # Should one get past the checks, the decoding error is still one clear error.
     monkeypatch.setattr(input_pipeline, "_not_decodable", lambda image_format, mode: None)
-    monkeypatch.setattr(input_pipeline, "_tf_decode_failures", lambda paths: {})
+    monkeypatch.setattr(
+        input_pipeline, "_tf_decode", lambda paths: ({}, {p: i for i, p in enumerate(paths)})
+    )
     config.skip_bad_images, config.total_steps = False, 40  # 40 batches of 8: every image
     with pytest.raises(input_pipeline.DataError) as e:
         train.train_and_evaluate(config, str(tmp_path / "run3"))
@@ -325,7 +328,7 @@ def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
     (root / "train" / "red" / "more").symlink_to(elsewhere, target_is_directory=True)
     (nested / "loop").symlink_to(root / "train", target_is_directory=True)
     info = input_pipeline.get_info(tiny_config(str(root)))
-    files, labels, _, ignored = input_pipeline._folder_files(
+    files, labels, _, ignored, _ = input_pipeline._folder_files(
         str(root), "train", info.class_names, False
     )
     pairs = zip(files, labels, strict=True)
@@ -395,7 +398,7 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     (root / "test").rename(root / "val")  # ImageNet's name for it
     config = tiny_config(str(root))
     info = input_pipeline.get_info(config)
-    files, _, _, _ = input_pipeline._folder_files(str(root), "test", info.class_names, False)
+    files = input_pipeline._folder_files(str(root), "test", info.class_names, False).files
     assert len(files) == 6 and all(f"{os.sep}val{os.sep}" in f for f in files)
     with pytest.raises(input_pipeline.DataError, match=r"has its own test split .*leave it at 0"):
         input_pipeline.get_info(tiny_config(str(root), test_fraction=0.2))
@@ -405,7 +408,7 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     with pytest.raises(input_pipeline.DataError, match=r"class folders but no test split: hold"):
         input_pipeline.get_info(tiny_config(str(flat)))
     for i in range(6, 10):  # red: 10 images, blue: 6
-        Image.fromarray(np.full((12, 12, 3), 200, np.uint8)).save(flat / "red" / f"{i}.png")
+        Image.fromarray(np.full((12, 12, 3), 20 * i, np.uint8)).save(flat / "red" / f"{i}.png")
     config = tiny_config(str(flat), test_fraction=0.25, batch_eval=4)
     info = input_pipeline.get_info(config)
     assert info.class_names == ["blue", "red"]
@@ -413,7 +416,7 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
         split: input_pipeline._folder_files(str(flat), split, info.class_names, False, 0.25)
         for split in ("train", "test")
     }
-    (train_files, train_labels, _, _), (test_files, test_labels, _, _) = splits.values()
+    (train_files, train_labels, *_), (test_files, test_labels, *_) = splits.values()
     assert sorted(train_files + test_files) == sorted(str(p) for p in flat.glob("*/*.png"))
     assert np.bincount(test_labels).tolist() == [2, 2]  # round(0.25 * 6), round(0.25 * 10)
     assert np.bincount(train_labels).tolist() == [4, 8]
@@ -424,6 +427,52 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     assert f"test: 4 images, 25% of each class of {flat}, held out of training" in (
         capsys.readouterr().out
     )
+
+
+def test_test_images_that_copy_training_images_are_left_out(tmp_path, capsys):
+    root = _write_folder(tmp_path / "data")
+    train_red, test_red = root / "train" / "red", root / "test" / "red"
+    shutil.copy(train_red / "4.png", test_red / "copy.png")
+    shutil.copy(train_red / "5.png", root / "test" / "blue" / "relabelled.png")
+    # The same pixels saved again (other bytes) is not a copy of the file.
+    Image.open(train_red / "3.png").save(test_red / "resaved.png", compress_level=1)
+    config = tiny_config(str(root), batch_eval=4)
+    info = input_pipeline.get_info(config, download=True)
+    test = info.details["test_scan"]
+    assert len(test.files) == 7 and str(test_red / "resaved.png") in test.files
+    assert sorted(info.details["test_copies"]) == [
+        (str(root / "test" / "blue" / "relabelled.png"), str(train_red / "5.png")),
+        (str(test_red / "copy.png"), str(train_red / "4.png")),
+    ]
+    assert len(info.details["train_scan"].files) == 12  # training keeps every image
+    result = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert result["num_examples"] == 7
+    out = capsys.readouterr().out
+    assert "test: left out 2 image(s) that are byte-for-byte copies of training images" in out
+
+    # A held-out split drops a file that has a twin among the training files of its class.
+    flat = tmp_path / "flat"
+    shutil.copytree(root / "train", flat)
+    for i in range(6):
+        shutil.copy(flat / "blue" / "0.png", flat / "blue" / f"again{i}.png")
+    config = tiny_config(str(flat), test_fraction=0.5)
+    info = input_pipeline.get_info(config, download=True)
+    held_out = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.5)
+    test_files = info.details["test_scan"].files
+    twins = {str(flat / "blue" / f"again{i}.png") for i in range(6)} | {
+        str(flat / "blue" / "0.png")
+    }
+    dropped = set(held_out.files) - set(test_files)
+    assert dropped and dropped <= twins and not set(test_files) & twins
+    assert len(info.details["test_copies"]) == len(dropped)
+
+    # A test/ that is train/ again is refused: nothing unseen would be left to score.
+    shutil.rmtree(root / "test")
+    os.symlink(root / "train", root / "test")
+    with pytest.raises(
+        input_pipeline.DataError, match=r"every one of the 12 test images is a copy"
+    ):
+        input_pipeline.get_info(tiny_config(str(root)), download=True)
 
 
 def test_report_counts_support_as_integers_when_predictions_miss():

@@ -18,10 +18,11 @@ multi-host run reads its own shard.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import hashlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class DatasetInfo:
     num_classes: int
     class_names: list[str]
     source: str  # 'tfds', 'folder' or 'digits'
-    # An image folder's checked files per split ('train_scan': _folder_files' result), kept for the run.
+    # An image folder's checked files per split ('train_scan': a FolderSplit), kept for the run.
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -103,13 +104,22 @@ def _held_out(paths: list[str], directory: str, fraction: float) -> set[str]:
     return set(sorted(paths, key=key)[:count])
 
 
+class FolderSplit(NamedTuple):
+    """The checked images of one split of an image folder."""
+
+    files: list[str]  # the images training reads, in a fixed order
+    labels: np.ndarray  # (len(files),) int64 class indices
+    bad: list[tuple[str, str]]  # (path, reason) of the images the decoder cannot read
+    ignored: list[str]  # files whose extension is not an image's
+    fingerprints: np.ndarray  # (len(files),) int64 hashes of the files' bytes
+
+
 def _folder_files(
     root: str, split: str, class_names: list[str], skip_bad: bool, test_fraction: float = 0.0
-) -> tuple:
-    """(files, labels, bad, ignored) of an image folder's 'train' or 'test' split (see
-    `folder_dirs`; without a test directory, `test_fraction` of each class is the test split):
-    `bad` lists (path, reason) of the images training could not decode (skipped with `skip_bad`,
-    else a DataError), `ignored` the files whose extension is not an image's.
+) -> FolderSplit:
+    """The images of an image folder's 'train' or 'test' split (see `folder_dirs`; without a test
+    directory, `test_fraction` of each class is the test split): images training could not decode
+    are skipped with `skip_bad`, else a DataError.
 
     Every image is decoded once here, by the decoder training uses: a file that fails would
     otherwise stop the run whenever the shuffle reaches it (PIL's checks pass truncated JPEGs).
@@ -144,7 +154,8 @@ def _folder_files(
                 candidates.append((path, label))
             else:
                 bad[path] = reason
-    bad.update(_tf_decode_failures([path for path, _ in candidates]))
+    failures, fingerprints = _tf_decode([path for path, _ in candidates])
+    bad.update(failures)
     bad_list = sorted(bad.items(), key=lambda item: position[item[0]])
     if bad_list and not skip_bad:
         path, reason = bad_list[0]
@@ -164,32 +175,40 @@ def _folder_files(
         where = f"the held-out test split of {train_dir}" if held_out else split_dir
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
     files = [path for path, _ in kept]
-    return files, np.asarray([label for _, label in kept], np.int64), bad_list, ignored
+    return FolderSplit(
+        files,
+        np.asarray([label for _, label in kept], np.int64),
+        bad_list,
+        ignored,
+        np.asarray([fingerprints[path] for path in files], np.int64),
+    )
 
 
-def _tf_decode_failures(paths: list[str]) -> dict[str, str]:
-    """{path: TensorFlow's error} for the files tf.io.decode_image cannot decode, found by
-    decoding all of them in parallel (tf.data drops the failures; only those are decoded again,
-    one by one, for their messages)."""
+def _tf_decode(paths: list[str]) -> tuple[dict[str, str], dict[str, int]]:
+    """({path: TensorFlow's error} for the files tf.io.decode_image cannot decode, {path: 64-bit
+    fingerprint of the file's bytes} for the others), found by decoding all of them in parallel
+    (tf.data drops the failures; only those are decoded again, one by one, for their messages)."""
     tf = _tf()
     if not paths:
-        return {}
+        return {}, {}
 
     def decode(index, path):  # the training pipeline's decoder
-        return index, tf.shape(_decode(tf.io.read_file(path), encoded=True))[0]
+        data = tf.io.read_file(path)
+        height = tf.shape(_decode(data, encoded=True))[0]
+        return index, height, tf.strings.to_hash_bucket_fast(data, 2**63 - 1)  # FarmHash64
 
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False).ignore_errors()
-    decoded = {int(index) for index, _ in ds.as_numpy_iterator()}
+    fingerprints = {paths[index]: int(hashed) for index, _, hashed in ds.as_numpy_iterator()}
     failures = {}
-    for index in sorted(set(range(len(paths))) - decoded):
+    for index in (i for i, path in enumerate(paths) if path not in fingerprints):
         try:
             decode(index, paths[index])
             reason = "TensorFlow could not decode it"  # failed in tf.data only
         except tf.errors.OpError as e:
             reason = f"TensorFlow cannot decode it: {_tf_message(e)}"
         failures[paths[index]] = reason
-    return failures
+    return failures, fingerprints
 
 
 def _not_decodable(image_format: str | None, mode: str) -> str | None:
@@ -206,20 +225,52 @@ def _not_decodable(image_format: str | None, mode: str) -> str | None:
     return None
 
 
-def _scan(config: Any, info: DatasetInfo, split: str) -> tuple:
-    """`_folder_files` of an image folder's split, once per DatasetInfo (so once a run)."""
+def _scan(config: Any, info: DatasetInfo, split: str) -> FolderSplit:
+    """`_folder_files` of an image folder's split, once per DatasetInfo (so once a run); the test
+    split without the images that are copies of training images (`_without_copies`)."""
     if f"{split}_scan" not in info.details:
-        info.details[f"{split}_scan"] = _folder_files(
+        scan = _folder_files(
             config.dataset, split, info.class_names, config.skip_bad_images, config.test_fraction
         )
+        if split == "test":
+            scan = _without_copies(scan, _scan(config, info, "train"), info)
+        info.details[f"{split}_scan"] = scan
     return info.details[f"{split}_scan"]
+
+
+def _without_copies(test: FolderSplit, train: FolderSplit, info: DatasetInfo) -> FolderSplit:
+    """`test` without its images whose bytes equal a training image's (an image saved in both
+    folders, test/ linked to train/, a file copied twice into a class before the hold-out): the
+    model would have trained on them. The (test, train) pairs go to info.details['test_copies']."""
+    twins = dict(zip(train.fingerprints.tolist(), train.files, strict=True))
+    copies, keep = [], []
+    for path, fingerprint in zip(test.files, test.fingerprints.tolist(), strict=True):
+        twin = twins.get(fingerprint)
+        is_copy = twin is not None and filecmp.cmp(path, twin, shallow=False)
+        keep.append(not is_copy)
+        if is_copy:
+            copies.append((path, twin))
+    info.details["test_copies"] = copies
+    if not copies:
+        return test
+    if not any(keep):
+        raise DataError(
+            f"every one of the {len(copies)} test images is a copy of a training image (e.g. "
+            f"{copies[0][0]} of {copies[0][1]}), so the test accuracy would only count images "
+            "the model trained on: put images in the test split that training does not see"
+        )
+    keep = np.asarray(keep)
+    files = [path for path, kept in zip(test.files, keep, strict=True) if kept]
+    return test._replace(
+        files=files, labels=test.labels[keep], fingerprints=test.fingerprints[keep]
+    )
 
 
 def data_notes(info: DatasetInfo, split: str) -> list[str]:
     """Lines to log about the files an image folder's scan of `split` skipped or ignored."""
     if f"{split}_scan" not in info.details:
         return []
-    files, _, bad, ignored = info.details[f"{split}_scan"]
+    files, _, bad, ignored, _ = info.details[f"{split}_scan"]
     notes = []
     without = info.details.get("without_images", {}).get(split)
     if without:
@@ -236,6 +287,12 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
         notes.append(
             f"test: {len(files)} images, {fraction:.0%} of each class of {directory}, held out of "
             "training (--config.test_fraction; the same files in every run)"
+        )
+    copies = info.details.get("test_copies") if split == "test" else None
+    if copies:
+        notes.append(
+            f"test: left out {len(copies)} image(s) that are byte-for-byte copies of training "
+            f"images, which would count as unseen, e.g. {copies[0][0]} (= {copies[0][1]})"
         )
     if bad:
         path, reason = bad[0]
@@ -502,7 +559,7 @@ def _raw_dataset(config: Any, info: DatasetInfo, split: str, train: bool):
         images, labels = _digits_split("train" if train else "test")
         return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels}), False
     if info.source == "folder":
-        files, labels, _, _ = _scan(config, info, "train" if train else "test")
+        files, labels = _scan(config, info, "train" if train else "test")[:2]
         ds = tf.data.Dataset.from_tensor_slices({"file": files, "label": labels})
         return ds.map(lambda d: {"image": tf.io.read_file(d["file"]), "label": d["label"]}), True
     import tensorflow_datasets as tfds
