@@ -422,6 +422,12 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     assert np.bincount(train_labels).tolist() == [4, 8]
     again = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.25)
     assert again[0] == test_files
+    with pytest.raises(
+        train.TrainingError,
+        match=r"run directory .*first is inside the image folder .*train, whose sub",
+    ):
+        train.train_and_evaluate(config, str(flat / "runs" / "first"))
+    assert not (flat / "runs").exists()
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["num_examples"] == 4
     assert f"test: 4 images, 25% of each class of {flat}, held out of training" in (

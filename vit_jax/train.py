@@ -674,6 +674,29 @@ def _expand_user(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return config
 
 
+def _check_workdir_outside_images(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses a run directory inside the folders an image-folder dataset reads images from: the
+    run's own PNGs (curves, attention maps) would become training images, or a class, next time."""
+    if not os.path.isdir(config.dataset):
+        return
+    real = os.path.realpath(workdir)
+    for directory in input_pipeline.folder_dirs(config.dataset):
+        if directory is None:
+            continue
+        top = os.path.realpath(directory)
+        if real == top or real.startswith(top + os.sep):
+            where = (
+                f"the image folder {directory}, whose sub-folders are classes"
+                if top == os.path.realpath(config.dataset)
+                else f"{directory}, a split of the image folder {config.dataset}"
+            )
+            raise TrainingError(
+                f"the run directory {workdir} is inside {where}: its PNGs (curves, attention "
+                "maps) would be read as images, or as a class, by the next run; choose a "
+                "--logdir or --workdir outside it"
+            )
+
+
 def _prepare_data(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
     """`get_info(config, download=True)`. With several processes, process 0 downloads and prepares
     a TFDS dataset first and the others follow: on a shared --tfds_data_dir they find it ready
@@ -718,6 +741,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_sharding = NamedSharding(mesh, P("data"))
     config = _expand_user(config)
     workdir = os.path.abspath(os.path.expanduser(workdir))
+    _check_workdir_outside_images(config, workdir)
 
     info = _prepare_data(config)
     overrides = config.model_overrides.to_dict()
