@@ -156,15 +156,15 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, option, value, message):
     assert err.rstrip().splitlines()[-1].endswith(f"error: {message}") and "Traceback" not in err
 
 
-def test_unfinished_run_directory_says_how_to_export(tmp_path, capsys):
+def test_run_directory_without_model_or_checkpoints_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
         predict.main([str(tmp_path), "--workdir", str(tmp_path / "run")])
     assert e.value.code == 2
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'run'} has no model.npz (a run writes it when it ends, unless "
-        f"export_npz is off); `python -m vit_jax.checkpoint convert {tmp_path / 'run'}/checkpoints "
-        "FILE.npz` exports its latest checkpoint, to pass as --checkpoint\n"
+        "export_npz is off) nor a saved checkpoint yet; give a run directory that has one, or "
+        "--checkpoint FILE.npz\n"
     )
 
 

@@ -19,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from vit_jax import checkpoint, input_pipeline, models, parallel, train
+from vit_jax import checkpoint, input_pipeline, models, parallel, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ def _write_folder(root, corrupt=False):
     return root
 
 
-def test_image_folder_run(tmp_path, monkeypatch):
+def test_image_folder_run(tmp_path, monkeypatch, capsys):
     root = _write_folder(tmp_path / "data")
     config = tiny_config(str(root), batch_eval=4, eval_every=2)
     scans = []
@@ -98,6 +98,19 @@ def test_image_folder_run(tmp_path, monkeypatch):
         "blue",
         "red",
     ]
+    # Class names are there from the start: predictions from an unfinished run are labelled.
+    run = tmp_path / "run"
+    assert (run / "labels.txt").read_text() == "blue\nred\n"
+    (run / "model.npz").unlink()
+    (run / "eval.json").unlink()
+    image = str(root / "test" / "red" / "0.png")
+    capsys.readouterr()
+    for source in (["--workdir", str(run)], ["--checkpoint", str(run / "checkpoints")]):
+        predict.main([image, *source, "--json", "--top_k", "2"])
+        out, err = capsys.readouterr()
+        labels = [p["label"] for p in json.loads(out)["results"][0]["predictions"]]
+        assert sorted(labels) == ["blue", "red"]
+        assert ("using its latest checkpoint, step 4" in err) == (source[0] == "--workdir")
 
 
 def test_unreadable_image_is_named_or_skipped(tmp_path):

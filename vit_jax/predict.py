@@ -33,12 +33,27 @@ def imagenet_labels() -> list[str]:
     ]
 
 
+def run_directory(path: str | None) -> str | None:
+    """The `vit_jax.train` run directory that a local checkpoint path is, or lies in (its
+    checkpoints/ or best/, or one step of them); None for files, URLs and other directories."""
+    if not path or not os.path.isdir(path):
+        return None
+    here = os.path.abspath(path)
+    for _ in range(3):
+        if any(os.path.exists(os.path.join(here, f)) for f in ("config.json", "labels.txt")):
+            return here
+        here = os.path.dirname(here)
+    return None
+
+
 def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) -> list[str]:
-    """Label names: 'imagenet2012', a file with one name per line, a run's classes, or indices."""
+    """Label names: 'imagenet2012', a file with one name per line, a run's classes (its labels.txt,
+    or the eval.json of runs from before labels.txt), or indices."""
+    run_labels = os.path.join(workdir, "labels.txt") if workdir else None
     if spec == "imagenet2012" or (spec is None and workdir is None and num_classes == 1000):
         names = imagenet_labels()
-    elif spec:
-        with open(spec) as f:
+    elif spec or (run_labels and os.path.exists(run_labels)):
+        with open(spec or run_labels) as f:
             names = [line.strip() for line in f if line.strip()]
     elif workdir and os.path.exists(os.path.join(workdir, "eval.json")):
         with open(os.path.join(workdir, "eval.json")) as f:
@@ -47,7 +62,8 @@ def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) 
         names = [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(
-            f"{len(names)} label names for a model with {num_classes} classes ({spec})"
+            f"{len(names)} label names for a model with {num_classes} classes "
+            f"({spec or run_labels or workdir})"
         )
     return names
 
@@ -158,15 +174,26 @@ def predict(
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model/--checkpoint/--workdir/--image_size, shared by the predict and visualize commands."""
     parser.add_argument("--model", help="model name (default: read from the checkpoint's shapes)")
-    parser.add_argument("--checkpoint", type=user_path, help=".npz (local path, gs://, https://)")
+    parser.add_argument(
+        "--checkpoint",
+        type=user_path,
+        help=".npz (local path, gs://, https://), or a run directory, its checkpoints/ or best/",
+    )
     parser.add_argument(
         "--workdir",
         type=user_path,
-        help="a vit_jax.train run directory (its model.npz and class names)",
+        help="a vit_jax.train run directory (its model.npz, else its latest checkpoint, and its "
+        "class names)",
     )
     parser.add_argument(
         "--image_size", type=positive_int, help="resolution (default: the checkpoint's)"
     )
+
+
+def labels_run(args: argparse.Namespace) -> str | None:
+    """The run directory whose class names label the predictions: --workdir, or the run that
+    --checkpoint lies in."""
+    return args.workdir or run_directory(args.checkpoint)
 
 
 def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
@@ -177,19 +204,21 @@ def load_model_from_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     if path is None:
         parser.error("give --checkpoint FILE.npz or --workdir RUN_DIR")
     if not args.checkpoint and not os.path.exists(path):
-        checkpoints = os.path.join(args.workdir, "checkpoints")
-        hint = (
-            f"; `python -m vit_jax.checkpoint convert {checkpoints} FILE.npz` exports its latest "
-            "checkpoint, to pass as --checkpoint"
-            if os.path.isdir(checkpoints)
-            else ""
-        )
+        steps = checkpoint.saved_steps(os.path.join(args.workdir, "checkpoints"))
+        if not steps:
+            print(
+                f"error: {args.workdir} has no model.npz (a run writes it when it ends, unless "
+                "export_npz is off) nor a saved checkpoint yet; give a run directory that "
+                "has one, or --checkpoint FILE.npz",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         print(
-            f"error: {args.workdir} has no model.npz (a run writes it when it ends, unless "
-            f"export_npz is off){hint}",
+            f"{args.workdir} has no model.npz (written when a run ends): using its latest "
+            f"checkpoint, step {steps[-1]}",
             file=sys.stderr,
         )
-        sys.exit(2)
+        path = args.workdir
     try:
         return checkpoint.load_pretrained_model(args.model, path, image_size=args.image_size)
     except (checkpoint.CheckpointError, OSError, ValueError) as e:
@@ -220,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model, params = load_model_from_args(parser, args)
     try:
-        labels = read_labels(args.labels, model.num_classes, args.workdir)
+        labels = read_labels(args.labels, model.num_classes, labels_run(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

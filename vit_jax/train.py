@@ -664,6 +664,15 @@ def record_config(config: ml_collections.ConfigDict, workdir: str, resumed_at: i
     return note
 
 
+def write_labels(class_names: list[str], workdir: str) -> None:
+    """Writes {workdir}/labels.txt, the class names in label order, one per line (process 0): what
+    `predict`/`visualize` name the classes by, from the start of the run (`--labels` reads it too)."""
+    if jax.process_index() != 0:
+        return
+    with atomic_path(os.path.join(workdir, "labels.txt")) as tmp, open(tmp, "w") as f:
+        f.writelines(" ".join(name.split()) + "\n" for name in class_names)
+
+
 def _expand_user(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy with '~' expanded in the paths read directly (the shell leaves `--dataset=~/x`
     alone; the checkpoint paths are expanded where they are opened)."""
@@ -729,9 +738,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     number of examples), `step` (the last one trained), `micro_batches` (per update: `accum_steps`
     times the CPU cache blocks, see `micro_batches`), `stopped_early` and, with `keep_best`, `best`
     ({'step', 'metric', 'value'}). Writes to `workdir`: config.json (see `record_config`),
-    checkpoints/, metrics.jsonl, TensorBoard events, curves.png, eval.json, report.txt (the per-class
-    table) and (with `export_npz`) model.npz in the published layout; with `keep_best` also best/
-    (the best checkpoint's params) and best.npz.
+    labels.txt (the class names), checkpoints/, metrics.jsonl, TensorBoard events, curves.png,
+    eval.json, report.txt (the per-class table) and (with `export_npz`) model.npz in the published
+    layout; with `keep_best` also best/ (the best checkpoint's params) and best.npz.
     """
     import orbax.checkpoint as ocp
 
@@ -849,6 +858,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.truncate_after(start)
     if note := record_config(config, workdir, start if resuming else None):
         log(note)
+    write_labels(info.class_names, workdir)
     num_devices = len(devices)
     local_batch = config.batch // jax.process_count()
     local_eval = config.batch_eval // jax.process_count()

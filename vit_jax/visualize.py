@@ -209,7 +209,7 @@ def figures_main(argv: Sequence[str]) -> None:
             sys.exit(2)
     if model.num_classes:
         try:
-            labels = predict.read_labels(args.labels, model.num_classes, args.workdir)
+            labels = predict.read_labels(args.labels, model.num_classes, predict.labels_run(args))
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
