@@ -120,7 +120,7 @@ def test_unreadable_image_is_named_or_skipped(tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.skip_bad_images = True
     info = input_pipeline.get_info(config)
-    files, _, bad, _, _ = input_pipeline._folder_files(str(root), "train", info.class_names, True)
+    files, _, bad, *_ = input_pipeline._folder_files(str(root), "train", info.class_names, True)
     assert len(files) == 12 and [os.path.basename(path) for path, _ in bad] == ["broken.jpg"]
     assert train.train_and_evaluate(config, str(tmp_path / "run2"))["num_examples"] == 6
 
@@ -131,7 +131,7 @@ def test_images_beyond_pils_size_limit_are_left_to_tensorflow(tmp_path, monkeypa
     # OSError); TensorFlow decodes them, so the scan must not stop on them.
     root = _write_folder(tmp_path / "data")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # errors above 2x this: 20x20 px and up
-    files, _, bad, _, _ = input_pipeline._folder_files(str(root), "train", ["blue", "red"], False)
+    files, _, bad, *_ = input_pipeline._folder_files(str(root), "train", ["blue", "red"], False)
     assert len(files) == 12 and not bad
 
 
@@ -158,7 +158,7 @@ def test_images_tensorflow_cannot_decode_are_found_before_training(tmp_path, cap
         "jpeg::Uncompress failed. Invalid JPEG data or crop window.) and 3 more; remove or replace"
     )
     info = input_pipeline.get_info(config)
-    files, _, bad, ignored, _ = input_pipeline._folder_files(
+    files, _, bad, ignored, *_ = input_pipeline._folder_files(
         str(root), "train", info.class_names, True
     )
     assert [(os.path.basename(path), reason) for path, reason in bad] == [
@@ -189,6 +189,7 @@ def test_images_tensorflow_cannot_decode_are_found_before_training(tmp_path, cap
         input_pipeline._folder_files(str(tiff_only), "train", ["blue", "red"], True)
 
     # Should one get past the checks, the decoding error is still one clear error.
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "no_cache"))  # the scans above are kept
     monkeypatch.setattr(input_pipeline, "_not_decodable", lambda image_format, mode: None)
     monkeypatch.setattr(
         input_pipeline, "_tf_decode", lambda paths: ({}, {p: i for i, p in enumerate(paths)})
@@ -341,7 +342,7 @@ def test_folder_images_in_sub_folders_of_a_class_count(tmp_path):
     (root / "train" / "red" / "more").symlink_to(elsewhere, target_is_directory=True)
     (nested / "loop").symlink_to(root / "train", target_is_directory=True)
     info = input_pipeline.get_info(tiny_config(str(root)))
-    files, labels, _, ignored, _ = input_pipeline._folder_files(
+    files, labels, _, ignored, *_ = input_pipeline._folder_files(
         str(root), "train", info.class_names, False
     )
     pairs = zip(files, labels, strict=True)
@@ -446,6 +447,59 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     assert f"test: 4 images, 25% of each class of {flat}, held out of training" in (
         capsys.readouterr().out
     )
+
+
+def test_scan_cache_decodes_only_new_and_changed_images(tmp_path, monkeypatch, capsys):
+    root = _write_folder(tmp_path / "data", corrupt=True)  # broken.jpg: PIL rejects it
+    whole = io.BytesIO()
+    noise = np.random.default_rng(2).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(whole, format="JPEG")
+    cut = root / "train" / "red" / "cut_short.jpg"  # PIL passes it; TensorFlow fails
+    cut.write_bytes(whole.getvalue()[: len(whole.getvalue()) * 2 // 3])
+    decoded = []
+    decode = input_pipeline._tf_decode
+    monkeypatch.setattr(
+        input_pipeline, "_tf_decode", lambda paths: decoded.append(len(paths)) or decode(paths)
+    )
+
+    def scan():
+        return input_pipeline._folder_files(str(root), "train", ["blue", "red"], True)
+
+    first = scan()
+    assert decoded == [13] and first.cached == 0 and len(first.files) == 12
+    again = scan()
+    assert decoded == [13, 0] and again.cached == 13
+    assert again.files == first.files and again.bad == first.bad  # the broken file's reason too
+    np.testing.assert_array_equal(again.fingerprints, first.fingerprints)
+
+    changed = root / "train" / "red" / "1.png"
+    Image.fromarray(np.full((12, 12, 3), 9, np.uint8)).save(changed)
+    (root / "train" / "blue" / "0.png").unlink()
+    third = scan()
+    assert decoded == [13, 0, 1] and third.cached == 11 and len(third.files) == 11
+    position = third.files.index(str(changed))
+    assert third.fingerprints[position] != first.fingerprints[first.files.index(str(changed))]
+    with open(input_pipeline._scan_cache_path(str(root / "train"))) as f:
+        cache = json.load(f)
+    assert sorted(cache["files"]) == sorted(
+        os.path.relpath(path, root / "train") for path in [*third.files, str(cut)]
+    )
+    assert [os.path.basename(path) for path, _ in third.bad] == ["broken.jpg", "cut_short.jpg"]
+
+    # A damaged cache is ignored and replaced; an unwritable one only costs the decoding.
+    with open(input_pipeline._scan_cache_path(str(root / "train")), "w") as f:
+        f.write('{"format": 1, "files": [')
+    assert scan().cached == 0 and scan().cached == 12
+    monkeypatch.setenv("VIT_JAX_CACHE", str(cut))  # a file: no cache folder can be made there
+    assert scan().cached == 0 and decoded[-1] == 12
+
+    monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path / "cache"))
+    config = tiny_config(str(root), skip_bad_images=True)
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(tmp_path / "run2"))
+    out = capsys.readouterr().out
+    assert out.count("train: 12 images unchanged since an earlier run decoded them were not") == 1
+    assert "test: 6 images unchanged" in out
 
 
 def test_test_images_that_copy_training_images_are_left_out(tmp_path, capsys):

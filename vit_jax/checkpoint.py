@@ -37,7 +37,14 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vit_jax.commands import atomic_path, first_line, interruptible, prog, user_path
+from vit_jax.commands import (
+    atomic_path,
+    cache_dir,
+    first_line,
+    interruptible,
+    prog,
+    user_path,
+)
 
 PUBLISHED_HELP = (
     "The published ViT checkpoints are in the public Google Cloud Storage bucket gs://vit_models/: "
@@ -67,13 +74,6 @@ Params = dict[str, Any]
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def cache_dir() -> str:
-    """Where downloaded checkpoints are kept: $VIT_JAX_CACHE, else ~/.cache/vit_jax."""
-    return os.environ.get(
-        "VIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vit_jax")
-    )
 
 
 def _cached_name(url: str) -> str:

@@ -90,6 +90,14 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def cache_dir() -> str:
+    """Where vit_jax keeps what it can fetch or compute again (downloaded checkpoints, image-folder
+    checks): $VIT_JAX_CACHE, else ~/.cache/vit_jax."""
+    return os.environ.get(
+        "VIT_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vit_jax")
+    )
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's text, for one-line error messages ('' when it has none)."""
     return next(iter(str(error).strip().splitlines()), "")
