@@ -490,6 +490,9 @@ def test_scan_cache_decodes_only_new_and_changed_images(tmp_path, monkeypatch, c
     with open(input_pipeline._scan_cache_path(str(root / "train")), "w") as f:
         f.write('{"format": 1, "files": [')
     assert scan().cached == 0 and scan().cached == 12
+    with open(input_pipeline._scan_cache_path(str(root / "train")), "w") as f:
+        json.dump({**cache, "files": [1, 2]}, f)  # valid JSON, not a cache
+    assert scan().cached == 0 and scan().cached == 12
     monkeypatch.setenv("VIT_JAX_CACHE", str(cut))  # a file: no cache folder can be made there
     assert scan().cached == 0 and decoded[-1] == 12
 

@@ -214,8 +214,8 @@ def _checked_by_decoder(
     try:
         with open(cache_path) as f:
             cache = json.load(f)
-        entries = cache["files"] if cache.get("format") == SCAN_CACHE_FORMAT else {}
-        entries = entries if cache.get("tensorflow") == tf_version else {}
+        same = (cache.get("format"), cache.get("tensorflow")) == (SCAN_CACHE_FORMAT, tf_version)
+        entries = cache["files"] if same and isinstance(cache["files"], dict) else {}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         entries = {}
     failures, fingerprints, todo, now = {}, {}, [], {}
