@@ -116,3 +116,21 @@ def test_atomic_path_keeps_the_old_file_whole_until_the_new_one_is_complete(tmp_
     with commands.atomic_path(str(target)) as tmp, open(tmp, "w") as f:
         f.write("new\n")
     assert target.read_text() == "new\n" and os.listdir(tmp_path) == ["report.txt"]
+
+
+@pytest.mark.parametrize(
+    "orig_argv, argv0, expected",
+    [
+        (["python", "-m", "vit_jax.train", "--model", "x"], "/x/train.py", True),
+        (["python", "-X", "dev", "-m", "vit_jax", "predict"], "/x/__main__.py", True),
+        (["python", "-m", "pytest", "tests"], "/x/pytest/__main__.py", False),
+        (["python", "-m", "vit_jax_extras.tool"], "/x/tool.py", False),
+        (["/venv/bin/python", "/venv/bin/vit-predict", "a.png"], "/venv/bin/vit-predict", True),
+        (["python", "notebook.py"], "notebook.py", False),
+    ],
+)
+def test_launched_as_command(monkeypatch, orig_argv, argv0, expected):
+    # Only then may Ctrl-C end the process at once (commands.exit_interrupted).
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert commands.launched_as_command() is expected

@@ -1175,6 +1175,33 @@ def test_home_paths_are_expanded_where_the_shell_does_not(tmp_path, monkeypatch)
     assert result["file"] == str(tmp_path / "data" / "test" / "red" / "0.png")
 
 
+def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path):
+    # jax and TensorFlow take seconds to import: Ctrl-C then gets one line and status 130, no
+    # import traceback (and no crash in the interpreter's teardown).
+    args = [
+        "--dataset",
+        "digits",
+        "--model",
+        "testing",
+        "--from_scratch",
+        "--logdir",
+        str(tmp_path),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vit_jax.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted")
+
+
 def test_ctrl_c_says_which_checkpoint_a_rerun_resumes_from(tmp_path):
     args = ["--dataset", "digits", "--model", "testing", "--from_scratch", "--image_size", "16"]
     args += ["--batch", "16", "--accum_steps", "1", "--total_steps", "10000000"]

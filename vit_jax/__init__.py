@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from vit_jax import commands
+
+commands.quiet_start()  # only when this process is `python -m vit_jax...` or a `vit-X` script
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -9,9 +9,11 @@ import functools
 import importlib
 import os
 import secrets
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,13 +64,60 @@ def interruptible(main: F) -> F:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started()
         try:
             return main(*args, **kwargs)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            exit_interrupted()
 
     return wrapper  # type: ignore[return-value]
+
+
+def exit_interrupted(message: str = "interrupted") -> NoReturn:
+    """Ends the process after Ctrl-C: `message` on stderr, status 130 (the shell's code for SIGINT).
+
+    In a command's own process it leaves at once (os._exit): the interpreter's teardown can crash
+    (SIGSEGV) while XLA or TensorFlow threads still run, and the commands' files are complete by
+    then (atomic writes, synchronous checkpoints). Elsewhere (a notebook, tests) SystemExit(130).
+    """
+    print(message, file=sys.stderr, flush=True)
+    if launched_as_command():
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe
+            sys.stdout.flush()
+        os._exit(130)
+    raise SystemExit(130)
+
+
+def _interrupted_while_starting(signum: int, frame: Any) -> None:
+    exit_interrupted()
+
+
+def launched_as_command() -> bool:
+    """Whether this process is one of the package's commands (`python -m vit_jax...`, `vit-X`)."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-m" in argv[1:-1]:
+        module = argv[argv.index("-m") + 1]
+        return module == "vit_jax" or module.startswith("vit_jax.")
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) in COMMANDS
+
+
+def quiet_start() -> None:
+    """Makes Ctrl-C before a command's `main` runs (importing jax and TensorFlow takes seconds)
+    end the process with one line and status 130, not an import traceback. Only in a command's
+    own process, and only where Ctrl-C has its default handler; `main` puts that back
+    (`interruptible`, train's main)."""
+    if (
+        launched_as_command()
+        and threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ):
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def started() -> None:
+    """A command's `main` has begun: Ctrl-C raises KeyboardInterrupt again (see `quiet_start`)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager

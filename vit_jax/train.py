@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint, input_pipeline, models, parallel
-from vit_jax.commands import atomic_path, first_line
+from vit_jax.commands import atomic_path, exit_interrupted, first_line, started
 from vit_jax.parallel import data_mesh, to_device
 
 
@@ -1244,6 +1244,7 @@ def run_directory(logdir: str, name: str | None, config: ml_collections.ConfigDi
 def main(argv: list[str] | None = None) -> None:
     from absl import app
 
+    started()
     given, model_overrides = _model_override_args(sys.argv if argv is None else argv)
     sys.argv = argv = given  # absl and ml_collections read the rest
     config_file = _config_file(given)
@@ -1313,8 +1314,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:  # Ctrl-C: where the run stands, not a traceback
-            print(f"\n{_interrupted(workdir)}", file=sys.stderr)
-            sys.exit(130)
+            exit_interrupted(f"\n{_interrupted(workdir)}")
 
     app.run(_main, argv=argv, flags_parser=parse_flags)
 
