@@ -126,6 +126,7 @@ def test_atomic_path_keeps_the_old_file_whole_until_the_new_one_is_complete(tmp_
         (["python", "-m", "pytest", "tests"], "/x/pytest/__main__.py", False),
         (["python", "-m", "vit_jax_extras.tool"], "/x/tool.py", False),
         (["/venv/bin/python", "/venv/bin/vit-predict", "a.png"], "/venv/bin/vit-predict", True),
+        (["/venv/bin/python", "/venv/bin/vit-predict", "-m", "x"], "/venv/bin/vit-predict", True),
         (["python", "notebook.py"], "notebook.py", False),
     ],
 )

@@ -95,9 +95,10 @@ def _interrupted_while_starting(signum: int, frame: Any) -> None:
 def launched_as_command() -> bool:
     """Whether this process is one of the package's commands (`python -m vit_jax...`, `vit-X`)."""
     argv = getattr(sys, "orig_argv", [])
-    if "-m" in argv[1:-1]:
+    if "-m" in argv[1:-1]:  # (a script's own '-m' argument falls through to the check below)
         module = argv[argv.index("-m") + 1]
-        return module == "vit_jax" or module.startswith("vit_jax.")
+        if module == "vit_jax" or module.startswith("vit_jax."):
+            return True
     return bool(sys.argv) and os.path.basename(sys.argv[0]) in COMMANDS
 
 

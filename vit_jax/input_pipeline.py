@@ -219,8 +219,8 @@ def _checked_by_decoder(
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         entries = {}
     failures, fingerprints, todo, now = {}, {}, [], {}
-    for path in paths:
-        relative = os.path.relpath(path, directory)
+    relatives = [os.path.relpath(path, directory) for path in paths]
+    for path, relative in zip(paths, relatives, strict=True):
         stat = os.stat(path)
         entry = [stat.st_size, stat.st_mtime_ns]
         known = entries.get(relative)
@@ -239,8 +239,8 @@ def _checked_by_decoder(
     failures.update(new_failures)
     fingerprints.update(new_fingerprints)
     if todo:
-        for path in paths:
-            now[os.path.relpath(path, directory)] += [fingerprints.get(path), failures.get(path)]
+        for path, relative in zip(paths, relatives, strict=True):
+            now[relative] += [fingerprints.get(path), failures.get(path)]
         # Entries of files this scan did not look at (the other part of a held-out split).
         kept = {
             relative: entry
