@@ -1187,13 +1187,18 @@ def test_ctrl_c_while_the_command_imports_is_one_line(tmp_path):
         "--logdir",
         str(tmp_path),
     ]
+    # Ctrl-C's default disposition, as in a terminal (a background job's may be "ignored"), set
+    # by a launcher that then execs the command (a preexec_fn would fork this threaded process).
+    launcher = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'vit_jax.train', *sys.argv[1:]])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vit_jax.train", *args],
+        [sys.executable, "-c", launcher, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
     )
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
