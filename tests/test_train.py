@@ -432,21 +432,60 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     }
     (train_files, train_labels, *_), (test_files, test_labels, *_) = splits.values()
     assert sorted(train_files + test_files) == sorted(str(p) for p in flat.glob("*/*.png"))
-    assert np.bincount(test_labels).tolist() == [2, 2]  # round(0.25 * 6), round(0.25 * 10)
-    assert np.bincount(train_labels).tolist() == [4, 8]
+    # The images whose names hash into the lowest quarter: blue 0, 2 and red 0, 2, 6, 7, 8.
+    assert sorted(os.path.relpath(f, flat) for f in test_files) == [
+        f"{cls}/{i}.png"
+        for cls, i in [("blue", 0), ("blue", 2), *(("red", i) for i in (0, 2, 6, 7, 8))]
+    ]
+    assert np.bincount(test_labels).tolist() == [2, 5]
+    assert np.bincount(train_labels).tolist() == [4, 5]
     again = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.25)
-    assert again[0] == test_files
+    assert again.files == test_files
     with pytest.raises(
         train.TrainingError,
         match=r"run directory .*first is inside the image folder .*train, whose sub",
     ):
         train.train_and_evaluate(config, str(flat / "runs" / "first"))
     assert not (flat / "runs").exists()
+    # Runs made on other data before are not classes or images; a folder that only has a
+    # config.json is not a run.
+    png = flat / "red" / "0.png"
+    for run, marker in ((flat / "runs" / "old", "labels.txt"), (flat / "red" / "r", "checkpoints")):
+        run.mkdir(parents=True)
+        (run / "config.json").write_text("{}")
+        (run / marker).mkdir() if marker == "checkpoints" else (run / marker).write_text("a\n")
+        shutil.copy(png, run / "curves.png")
+    (flat / "red" / "settings").mkdir()
+    (flat / "red" / "settings" / "config.json").write_text("{}")
+    Image.fromarray(np.full((12, 12, 3), 7, np.uint8)).save(flat / "red" / "settings" / "kept.png")
+    assert input_pipeline.get_info(config).class_names == ["blue", "red"]
+    files = input_pipeline._folder_files(str(flat), "train", ["blue", "red"], False, 0.25)
+    assert list(files.runs) == [str(flat / "red" / "r")]
+    assert str(flat / "red" / "settings" / "kept.png") in files.files
+    assert not any("curves" in f for f in files.files) and len(files.files) == 10
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
-    assert result["num_examples"] == 4
-    assert f"test: 4 images, 25% of each class of {flat}, held out of training" in (
-        capsys.readouterr().out
-    )
+    assert result["num_examples"] == 7
+    out = capsys.readouterr().out
+    assert f"test: 7 images, about 25% of each class of {flat}, held out of training" in out
+    assert "train: left out 1 folder(s) without images, which are not classes: runs" in out
+    assert (
+        "train: left out 1 vit_jax run folder(s) inside class folders (their PNGs are not data), "
+        f"e.g. {flat / 'red' / 'r'}"
+    ) in out
+
+
+def test_held_out_images_stay_where_they_are_when_images_are_added():
+    names = [f"/d/img{i}.jpg" for i in range(1500)]
+    before = input_pipeline._held_out(names[:1000], "/d", 0.1)
+    after = input_pipeline._held_out(names, "/d", 0.1)
+    assert len(before) == 89 and len(after) == 143  # about 10 %
+    assert after & set(names[:1000]) == before  # no image moved to the other split
+    # Small classes: one image on each side, the lowest and the highest hash.
+    assert input_pipeline._held_out(["/d/a.png"], "/d", 0.5) == set()
+    two = ["/d/0.png", "/d/1.png"]  # hashes 0.06 and 0.58 of the range
+    assert input_pipeline._held_out(two, "/d", 0.01) == {"/d/0.png"}
+    assert input_pipeline._held_out(two, "/d", 0.99) == {"/d/0.png"}
+    assert input_pipeline._held_out(two, "/d", 0.3) == {"/d/0.png"}
 
 
 def test_scan_cache_decodes_only_new_and_changed_images(tmp_path, monkeypatch, capsys):

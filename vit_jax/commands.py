@@ -148,6 +148,17 @@ def cache_dir() -> str:
     )
 
 
+# What `vit_jax.train` writes into a run directory besides config.json (`is_run_directory`).
+RUN_FILES = ("labels.txt", "metrics.jsonl", "checkpoints", "model.npz")
+
+
+def is_run_directory(path: str) -> bool:
+    """Whether `path` is a `vit_jax.train` run directory: config.json and one of `RUN_FILES`."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.exists(os.path.join(path, name)) for name in RUN_FILES
+    )
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's text, for one-line error messages ('' when it has none)."""
     return next(iter(str(error).strip().splitlines()), "")

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vit_jax.commands import atomic_path, cache_dir, first_line
+from vit_jax.commands import atomic_path, cache_dir, first_line, is_run_directory
 from vit_jax.models import image_hw
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -92,17 +92,27 @@ def folder_dirs(root: str) -> tuple[str, str | None]:
 
 
 def _held_out(paths: list[str], directory: str, fraction: float) -> set[str]:
-    """The images of one class folder that form its share of a held-out test split: round(fraction
-    * n) of them (at least 1 and at most n - 1 when n >= 2), those whose path in the folder has the
-    lowest hashes: the same files in every run and on every process, whatever the seed."""
+    """The images of one class folder that form its share of a held-out test split: those whose
+    path in the folder hashes into the lowest `fraction` of the hash range, so that an image's
+    split depends on its own name only. The same files in every run and on every process,
+    whatever the seed, and adding images to a class moves none of its earlier ones to the other
+    split (a rank cut-off would: files trained on before would be scored as unseen). About
+    `fraction` of each class, not exactly; with 2 or more images at least one on each side (the
+    lowest, or the highest, hash)."""
     if len(paths) < 2:
         return set()
-    count = min(max(round(fraction * len(paths)), 1), len(paths) - 1)
 
-    def key(path: str) -> str:
-        return hashlib.sha256(os.path.relpath(path, directory).encode()).hexdigest()
+    def key(path: str) -> float:
+        digest = hashlib.sha256(os.path.relpath(path, directory).encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
 
-    return set(sorted(paths, key=key)[:count])
+    keys = {path: key(path) for path in paths}
+    test = {path for path in paths if keys[path] < fraction}
+    if not test:
+        test = {min(paths, key=keys.__getitem__)}
+    elif len(test) == len(paths):
+        test.remove(max(paths, key=keys.__getitem__))
+    return test
 
 
 class FolderSplit(NamedTuple):
@@ -114,13 +124,14 @@ class FolderSplit(NamedTuple):
     ignored: list[str]  # files whose extension is not an image's
     fingerprints: np.ndarray  # (len(files),) int64 hashes of the files' bytes
     cached: int = 0  # images whose decode check came from the scan cache (`_checked_by_decoder`)
+    runs: tuple[str, ...] = ()  # run directories found among the images, left out
 
 
 def _folder_files(
     root: str, split: str, class_names: list[str], skip_bad: bool, test_fraction: float = 0.0
 ) -> FolderSplit:
     """The images of an image folder's 'train' or 'test' split (see `folder_dirs`; without a test
-    directory, `test_fraction` of each class is the test split): images training could not decode
+    directory, about `test_fraction` of each class is the test split): images training cannot decode
     are skipped with `skip_bad`, else a DataError.
 
     Every image is decoded once here, by the decoder training uses: a file that fails would
@@ -131,12 +142,12 @@ def _folder_files(
     train_dir, test_dir = folder_dirs(root)
     split_dir = test_dir if split == "test" and test_dir else train_dir
     held_out = test_dir is None and test_fraction > 0
-    candidates, bad, ignored, position = [], {}, [], {}
+    candidates, bad, ignored, position, runs = [], {}, [], {}, []
     for label, cls in enumerate(class_names):
         directory = os.path.join(split_dir, cls)
         if not os.path.isdir(directory):
             continue
-        paths = list(_visible_files(directory))
+        paths = list(_visible_files(directory, runs))
         images = [path for path in paths if path.lower().endswith(IMAGE_EXTENSIONS)]
         if not held_out or split == "train":  # (a held-out split's are the train split's)
             ignored += [path for path in paths if not path.lower().endswith(IMAGE_EXTENSIONS)]
@@ -186,6 +197,7 @@ def _folder_files(
         ignored,
         np.asarray([fingerprints[path] for path in files], np.int64),
         cached,
+        tuple(runs),
     )
 
 
@@ -349,7 +361,8 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
     """Lines to log about the files an image folder's scan of `split` skipped or ignored."""
     if f"{split}_scan" not in info.details:
         return []
-    files, _, bad, ignored, _, cached = info.details[f"{split}_scan"]
+    scan = info.details[f"{split}_scan"]
+    files, bad, ignored, cached = scan.files, scan.bad, scan.ignored, scan.cached
     notes = []
     without = info.details.get("without_images", {}).get(split)
     if without:
@@ -358,14 +371,20 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
             + ", ".join(without[:5])
             + (", ..." if len(without) > 5 else "")
         )
+    if scan.runs:
+        notes.append(
+            f"{split}: left out {len(scan.runs)} vit_jax run folder(s) inside class folders "
+            f"(their PNGs are not data), e.g. {scan.runs[0]}"
+        )
     test_dir = info.details.get("test_dir")
     if split == "test" and test_dir and os.path.basename(test_dir) != "test":
         notes.append(f"test: the images of {test_dir}")
     if split == "test" and "held_out" in info.details:
         directory, fraction = info.details["held_out"]
         notes.append(
-            f"test: {len(files)} images, {fraction:.0%} of each class of {directory}, held out of "
-            "training (--config.test_fraction; the same files in every run)"
+            f"test: {len(files)} images, about {fraction:.0%} of each class of {directory}, held "
+            "out of training (--config.test_fraction; chosen by file name: the same files in every "
+            "run, and images added later do not move earlier ones)"
         )
     copies = info.details.get("test_copies") if split == "test" else None
     if copies:
@@ -401,14 +420,20 @@ def _class_dirs(split_dir: str) -> list[str]:
     )
 
 
-def _visible_files(directory: str) -> Iterator[str]:
+def _visible_files(directory: str, runs: list[str] | None = None) -> Iterator[str]:
     """Files under `directory`, sub-folders included, in a fixed (sorted) order; hidden folders
-    and files (.ipynb_checkpoints, macOS ._*) left out. Symbolic links to folders are followed,
+    and files (.ipynb_checkpoints, macOS ._*) left out, and `vit_jax.train` run directories (their
+    curves.png is not data; appended to `runs` if given). Symbolic links to folders are followed,
     each real folder once; a link to a folder that holds `directory` (a loop) is not followed."""
     top, seen = os.path.realpath(directory), set()
     for here, folders, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(here)
         if real in seen or (real != top and top.startswith(real + os.sep)):
+            folders[:] = []
+            continue
+        if is_run_directory(here):
+            if runs is not None:
+                runs.append(here)
             folders[:] = []
             continue
         seen.add(real)

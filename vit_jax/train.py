@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.random_flip = True
     c.shuffle_buffer = 50_000
     # Image folders without ROOT/test/ (or val/): this share of each class's images is the test
-    # split (chosen by a hash of the file names: the same in every run); 0 = require a test folder.
+    # split (about that share, chosen by a hash of each file's name: the same files in every run,
+    # and images added later do not move earlier ones); 0 = require a test folder.
     c.test_fraction = 0.0
     c.skip_bad_images = False  # image folders: skip (and count) unreadable files instead of failing
     c.pretrained = ""  # explicit .npz path / gs:// / https://, or a vit_jax.train run directory
@@ -684,8 +685,9 @@ def _expand_user(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def _check_workdir_outside_images(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Refuses a run directory inside the folders an image-folder dataset reads images from: the
-    run's own PNGs (curves, attention maps) would become training images, or a class, next time."""
+    """Refuses a run directory inside the folders an image-folder dataset reads images from, so
+    that runs and data stay apart. (Scans leave run directories out, as they do those of runs
+    made on other data, but a flat folder's `runs/` would be listed as a folder in every log.)"""
     if not os.path.isdir(config.dataset):
         return
     real = os.path.realpath(workdir)
@@ -700,9 +702,8 @@ def _check_workdir_outside_images(config: ml_collections.ConfigDict, workdir: st
                 else f"{directory}, a split of the image folder {config.dataset}"
             )
             raise TrainingError(
-                f"the run directory {workdir} is inside {where}: its PNGs (curves, attention "
-                "maps) would be read as images, or as a class, by the next run; choose a "
-                "--logdir or --workdir outside it"
+                f"the run directory {workdir} is inside {where}: keep runs apart from the "
+                "images they train on; choose a --logdir or --workdir outside it"
             )
 
 
