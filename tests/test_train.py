@@ -461,6 +461,8 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     assert input_pipeline.get_info(config).class_names == ["blue", "red"]
     files = input_pipeline._folder_files(str(flat), "train", ["blue", "red"], False, 0.25)
     assert list(files.runs) == [str(flat / "red" / "r")]
+    held_out = input_pipeline._folder_files(str(flat), "test", ["blue", "red"], False, 0.25)
+    assert held_out.runs == ()  # (the train split's log names it)
     assert str(flat / "red" / "settings" / "kept.png") in files.files
     assert not any("curves" in f for f in files.files) and len(files.files) == 10
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -472,6 +474,12 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
         "train: left out 1 vit_jax run folder(s) inside class folders (their PNGs are not data), "
         f"e.g. {flat / 'red' / 'r'}"
     ) in out
+    # Four more red images, all hashing above the cut-off: the test split stays as it was (taking
+    # the lowest round(0.25 * 14) = 4 of red instead would move red 7 and 8, trained on, into it).
+    for i in range(10, 14):
+        Image.fromarray(np.full((12, 12, 3), 9 * i, np.uint8)).save(flat / "red" / f"{i}.png")
+    later = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.25)
+    assert later.files == test_files
 
 
 def test_held_out_images_stay_where_they_are_when_images_are_added():

@@ -147,10 +147,12 @@ def _folder_files(
         directory = os.path.join(split_dir, cls)
         if not os.path.isdir(directory):
             continue
-        paths = list(_visible_files(directory, runs))
+        found_runs: list[str] = []
+        paths = list(_visible_files(directory, found_runs))
         images = [path for path in paths if path.lower().endswith(IMAGE_EXTENSIONS)]
         if not held_out or split == "train":  # (a held-out split's are the train split's)
             ignored += [path for path in paths if not path.lower().endswith(IMAGE_EXTENSIONS)]
+            runs += found_runs
         if held_out:
             test = _held_out(images, directory, test_fraction)
             images = [path for path in images if (path in test) == (split == "test")]
