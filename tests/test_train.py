@@ -468,7 +468,7 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["num_examples"] == 7
     out = capsys.readouterr().out
-    assert f"test: 7 images, about 25% of each class of {flat}, held out of training" in out
+    assert f"test: 7 images (41.2% of the images), about 25% of each class of {flat}, held" in out
     assert "train: left out 1 folder(s) without images, which are not classes: runs" in out
     assert (
         "train: left out 1 vit_jax run folder(s) inside class folders (their PNGs are not data), "

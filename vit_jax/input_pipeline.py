@@ -383,10 +383,16 @@ def data_notes(info: DatasetInfo, split: str) -> list[str]:
         notes.append(f"test: the images of {test_dir}")
     if split == "test" and "held_out" in info.details:
         directory, fraction = info.details["held_out"]
+        train_scan = info.details.get("train_scan")
+        share = (
+            f" ({len(files) / (len(files) + len(train_scan.files)):.1%} of the images)"
+            if train_scan
+            else ""
+        )
         notes.append(
-            f"test: {len(files)} images, about {fraction:.0%} of each class of {directory}, held "
-            "out of training (--config.test_fraction; chosen by file name: the same files in every "
-            "run, and images added later do not move earlier ones)"
+            f"test: {len(files)} images{share}, about {fraction:.0%} of each class of {directory}, "
+            "held out of training (--config.test_fraction; chosen by file name: the same files in "
+            "every run, and images added later do not move earlier ones)"
         )
     copies = info.details.get("test_copies") if split == "test" else None
     if copies:
