@@ -118,11 +118,16 @@ def test_directories_are_walked_without_hidden_entries(tmp_path):
         ".ipynb_checkpoints/b-checkpoint.png",
         "sub/._a.JPG",
         "c.txt",
+        "run/config.json",
+        "run/labels.txt",
+        "run/curves.png",
     ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"")
+    # A run directory's images are read when asked for (image-folder datasets leave them out).
     assert predict.find_images([str(tmp_path), "given.png"]) == [
         str(tmp_path / "b.png"),
+        str(tmp_path / "run" / "curves.png"),
         str(tmp_path / "sub" / "a.JPG"),
         "given.png",
     ]

@@ -148,7 +148,8 @@ def cache_dir() -> str:
     )
 
 
-# What `vit_jax.train` writes into a run directory besides config.json (`is_run_directory`).
+# Files `vit_jax.train` writes into a run directory besides config.json; any one of them, with
+# config.json, marks a folder as a run (`is_run_directory`).
 RUN_FILES = ("labels.txt", "metrics.jsonl", "checkpoints", "model.npz")
 
 

@@ -430,18 +430,18 @@ def _class_dirs(split_dir: str) -> list[str]:
 
 def _visible_files(directory: str, runs: list[str] | None = None) -> Iterator[str]:
     """Files under `directory`, sub-folders included, in a fixed (sorted) order; hidden folders
-    and files (.ipynb_checkpoints, macOS ._*) left out, and `vit_jax.train` run directories (their
-    curves.png is not data; appended to `runs` if given). Symbolic links to folders are followed,
-    each real folder once; a link to a folder that holds `directory` (a loop) is not followed."""
+    and files (.ipynb_checkpoints, macOS ._*) left out. Symbolic links to folders are followed,
+    each real folder once; a link to a folder that holds `directory` (a loop) is not followed.
+    With a `runs` list (the image-folder dataset's scans), `vit_jax.train` run directories (whose
+    curves.png is not data) are left out too, and appended to it."""
     top, seen = os.path.realpath(directory), set()
     for here, folders, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(here)
         if real in seen or (real != top and top.startswith(real + os.sep)):
             folders[:] = []
             continue
-        if is_run_directory(here):
-            if runs is not None:
-                runs.append(here)
+        if runs is not None and is_run_directory(here):
+            runs.append(here)
             folders[:] = []
             continue
         seen.add(real)
@@ -451,14 +451,18 @@ def _visible_files(directory: str, runs: list[str] | None = None) -> Iterator[st
                 yield os.path.join(here, name)
 
 
-def image_files(directory: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> Iterator[str]:
+def image_files(
+    directory: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, runs: list[str] | None = None
+) -> Iterator[str]:
     """Files under `directory` ending in `extensions` (any case), sub-folders included, in a fixed
-    (sorted) order; hidden folders and files (.ipynb_checkpoints, macOS ._*) left out."""
-    return (path for path in _visible_files(directory) if path.lower().endswith(extensions))
+    (sorted) order; hidden folders and files (.ipynb_checkpoints, macOS ._*) left out, and run
+    directories with a `runs` list (see `_visible_files`)."""
+    return (path for path in _visible_files(directory, runs) if path.lower().endswith(extensions))
 
 
 def _has_image(directory: str) -> bool:
-    return next(image_files(directory), None) is not None
+    """Whether a folder of an image-folder dataset holds an image outside run directories."""
+    return next(image_files(directory, runs=[]), None) is not None
 
 
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
