@@ -7,24 +7,27 @@ import pytest
 # One JAX compilation cache for the session, shared with the processes the tests start (CLI runs,
 # multi-process runs): many tests compile the same tiny models' steps, and on a 2-core machine
 # compiling them again took about a sixth of the suite's time. Removed when the session ends.
-_COMPILATION_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": None,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+_CACHE_SETTINGS = {
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": -1,
 }
+_cache_dir = ""
 
 
 def pytest_configure(config):
-    _COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vit-jax-tests-xla-")
-    os.environ.update(_COMPILATION_CACHE)
+    global _cache_dir
+    _cache_dir = tempfile.mkdtemp(prefix="vit-jax-tests-xla-")
+    settings = {"jax_compilation_cache_dir": _cache_dir, **_CACHE_SETTINGS}
+    os.environ.update({name.upper(): str(value) for name, value in settings.items()})
     import jax  # (if a plugin imported it already, the variables above came too late for it)
 
-    for name, value in _COMPILATION_CACHE.items():
-        jax.config.update(name.lower(), int(value) if value.lstrip("-").isdigit() else value)
+    for name, value in settings.items():
+        jax.config.update(name, value)
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_COMPILATION_CACHE["JAX_COMPILATION_CACHE_DIR"] or "", ignore_errors=True)
+    if _cache_dir:
+        shutil.rmtree(_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
