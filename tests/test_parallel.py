@@ -10,11 +10,12 @@ import sys
 import textwrap
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import parallel
+from vit_jax import checkpoint, parallel, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,13 +62,14 @@ def _env(devices: int, **extra: str) -> dict:
     }
 
 
-def _single(workdir, devices: int, **overrides) -> dict:
+def _single(workdir, devices: int, env=None, **overrides) -> dict:
+    """The worker's result, and its stderr under "stderr"."""
     proc = subprocess.run(
         [sys.executable, "-c", _WORKER, str(workdir), json.dumps(overrides)],
-        capture_output=True, text=True, env=_env(devices), timeout=300, cwd=REPO,
+        capture_output=True, text=True, env=_env(devices, **(env or {})), timeout=300, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
 
 
 def _singles(*runs: tuple) -> list[dict]:
@@ -167,6 +169,22 @@ def test_fsdp_and_remat_change_nothing_and_compose_with_accumulation(tmp_path):
     )
     np.testing.assert_allclose(levers["losses"], base["losses"], rtol=1e-5)
     assert levers["accuracy"] == base["accuracy"]
+    # The checkpoints of a 4-device run, replicated and FSDP-sharded, read back in this 1-device
+    # process as host arrays equal to the run's final model.npz.
+    for name in ("base", "levers"):
+        saved = checkpoint.load_orbax_params(str(tmp_path / name))
+        final = checkpoint.load(str(tmp_path / name / "model.npz"))
+        assert jax.tree.structure(saved) == jax.tree.structure(final)
+        jax.tree.map(np.testing.assert_array_equal, saved, final)
+    # And a run resumes on another number of devices (4 -> 1 here): restored to the new placement.
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from test_train import tiny_config
+
+    config = tiny_config(total_steps=7, eval_every=3, checkpoint_every=3, batch=16, batch_eval=16)
+    config.model_overrides["dropout_rate"] = 0.1
+    config.accum_steps = 2
+    resumed = train.train_and_evaluate(config, str(tmp_path / "base"))
+    assert resumed["step"] == 7 and resumed["num_examples"] == 360
 
 
 def test_cpu_blocks_on_four_devices_change_nothing(tmp_path):

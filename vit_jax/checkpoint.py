@@ -25,10 +25,10 @@ import argparse
 import hashlib
 import math
 import os
+import pathlib
 import re
 import sys
 import urllib.request
-import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -586,9 +586,15 @@ def load_orbax_params(directory: str) -> Params:
         directory = os.path.join(directory, str(steps[-1]))
 
     def restore(path: str) -> Any:
-        with warnings.catch_warnings():  # host arrays are wanted: the saved sharding is irrelevant
-            warnings.filterwarnings("ignore", message="Sharding info not provided")
-            return ocp.PyTreeCheckpointer().restore(path)
+        # Host arrays, whatever devices the run had: restoring to the saved shardings fails on a
+        # machine with fewer devices (a run trained on 8 GPUs, inspected on a laptop).
+        metadata = ocp.PyTreeCheckpointHandler().metadata(pathlib.Path(path))
+        as_numpy = jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), getattr(metadata, "tree", metadata)
+        )
+        return ocp.PyTreeCheckpointer().restore(
+            path, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
+        )
 
     if os.path.isdir(os.path.join(directory, "params")):  # best/<step>: the params alone
         return jax.tree.map(np.asarray, restore(os.path.join(directory, "params")))
