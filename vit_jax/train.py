@@ -574,6 +574,53 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str:
 # ----------------------------------------------------------------------------- the job
 
 
+def checkpoint_manager(directory: str, item: str, **options: Any) -> Any:
+    """An orbax `CheckpointManager` for `directory` whose `item` is a pytree of arrays (saved with
+    `ocp.args.PyTreeSave`, restored with `restore_args`), beside an optional JSON `progress` item.
+    `options`: `ocp.CheckpointManagerOptions` fields.
+
+    Saves are synchronous: one finishes (written, then renamed from its tmp directory) before the next
+    step donates the state's buffers, so a crash mid-save leaves the earlier checkpoints intact.
+    In a single process, replicated arrays are written whole, each from one device. Orbax's default,
+    replica-parallel saving, has every device write a slice of each replicated array: one compiled
+    slice per array shape and device, and a dispatch per array and device at every save, for nothing
+    when one process writes all the slices anyway (ViT-B/16 params and momentum on 4 CPU devices:
+    first save 2.9-4.0 -> 0.84-0.88 s, later ones 1.1-1.5 -> 0.63-0.95 s). With several processes
+    orbax's default stays, as it spreads the writing of replicated arrays over the hosts.
+    """
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    if jax.process_count() == 1:
+        scalar = th.ScalarHandler()
+        types = th.create_type_handler_registry(
+            *((t, scalar) for t in (int, float, np.number)),
+            (np.ndarray, th.NumpyHandler()),
+            (jax.Array, th.ArrayHandler(use_replica_parallel=False)),
+        )
+        handler = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+    else:
+        handler = ocp.PyTreeCheckpointHandler()
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(item, ocp.args.PyTreeSave, handler)
+    registry.add(item, ocp.args.PyTreeRestore, handler)
+    json_handler = ocp.JsonCheckpointHandler()
+    registry.add("progress", ocp.args.JsonSave, json_handler)
+    registry.add("progress", ocp.args.JsonRestore, json_handler)
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False, **options)
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def restore_args(target: Any) -> Any:
+    """`ocp.args.PyTreeRestore` of a `checkpoint_manager` item into `target`'s structure, shapes,
+    dtypes and shardings (a pytree of `jax.ShapeDtypeStruct` with shardings)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+    )
+
+
 def _check_resumable(state_dir: str, target: Any) -> None:
     """ValueError naming the first arrays whose saved shapes (or presence) differ from `target`'s,
     read from the checkpoint's metadata before orbax starts reading any array."""
@@ -803,22 +850,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # A new run reads its checkpoint first: one that cannot be used stops it before it writes.
     params = None if resuming else fresh_params()
     os.makedirs(workdir, exist_ok=True)  # only once the configuration has been checked
-    # Synchronous saves: a save finishes (written, then renamed from its tmp directory) before the
-    # next step donates the state's buffers, so a crash mid-save leaves earlier checkpoints intact.
-    options = ocp.CheckpointManagerOptions(
+    manager = checkpoint_manager(
+        os.path.join(workdir, "checkpoints"),
+        "state",
         max_to_keep=config.keep_checkpoints,
-        create=True,
         cleanup_tmp_directories=True,
-        enable_async_checkpointing=False,
     )
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), options=options)
     best_manager = (
-        ocp.CheckpointManager(
-            os.path.join(workdir, "best"),
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=1, create=True, enable_async_checkpointing=False
-            ),
-        )
+        checkpoint_manager(os.path.join(workdir, "best"), "params", max_to_keep=1)
         if config.keep_best
         else None
     )
@@ -826,7 +865,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     progress = Progress(config)
 
     if start is not None:
-        items = {"state": ocp.args.StandardRestore(target)}
+        items = {"state": restore_args(target)}
         if os.path.isdir(os.path.join(workdir, "checkpoints", str(start), "progress")):
             items["progress"] = ocp.args.JsonRestore()
         state_dir = os.path.join(workdir, "checkpoints", str(start), "state")
@@ -940,7 +979,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
+                    state=ocp.args.PyTreeSave(state),
                     progress=ocp.args.JsonSave(progress.to_dict()),
                 ),
             )
@@ -971,7 +1010,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                             best_manager.save(
                                 step,
                                 args=ocp.args.Composite(
-                                    params=ocp.args.StandardSave(state["params"])
+                                    params=ocp.args.PyTreeSave(state["params"])
                                 ),
                             )
                     if progress.should_stop:
@@ -1011,7 +1050,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         }
         best_params = best_manager.restore(
             progress.best_step,
-            args=ocp.args.Composite(params=ocp.args.StandardRestore(target["params"])),
+            args=ocp.args.Composite(params=restore_args(target["params"])),
         )["params"]
     if best_manager is not None:
         best_manager.close()
