@@ -3,6 +3,7 @@
 import collections
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -201,6 +202,42 @@ def test_attention_paths_agree_and_weights_are_sown(monkeypatch, dtype, tol):
     ]["attention_weights"][0]
     assert weights.shape == (2, 4, 5, 5)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_cudnn_flash_attention_is_asked_for_where_cudnn_has_it(monkeypatch):
+    # JAX's implementation=None is XLA's attention on GPU too: cuDNN has to be asked for, and only
+    # for the operands and GPUs its flash attention takes.
+    pick = models.fused_attention_implementation
+    assert pick(jnp.bfloat16, 64) is None  # this CPU
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0")  # H100/H200
+    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    assert pick(jnp.bfloat16, 64) == pick(jnp.float16, 64) == "cudnn"
+    assert pick(jnp.bfloat16, 80) == "cudnn"  # ViT-H/14
+    assert pick(jnp.float32, 64) is None  # cuDNN's kernel takes no float32 operands
+    assert pick(jnp.bfloat16, 12) is None  # not a multiple of 8
+    assert pick(jnp.bfloat16, 256) == "cudnn" and pick(jnp.bfloat16, 264) is None
+    gpu.compute_capability = "8.0"  # A100: head dims up to 128
+    assert pick(jnp.bfloat16, 128) == "cudnn" and pick(jnp.bfloat16, 256) is None
+    gpu.compute_capability = "7.5"  # T4: no flash attention in cuDNN
+    assert pick(jnp.bfloat16, 64) is None
+    gpu.compute_capability = "gfx90a"  # ROCm
+    assert pick(jnp.bfloat16, 64) is None
+
+
+def test_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=2, dtype=jnp.bfloat16
+    )
+    images, params = _init(model)
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    xla = model.apply({"params": params}, images)
+    # Asked for cuDNN on this CPU, jax.nn.dot_product_attention raises "cuDNN is not detected."
+    monkeypatch.setattr(models, "fused_attention_implementation", lambda *a: "cudnn")
+    with pytest.warns(
+        RuntimeWarning, match=r"cuDNN attention is not available here \(cuDNN is not"
+    ):
+        fallback = model.apply({"params": params}, images)
+    np.testing.assert_array_equal(fallback, xla)
 
 
 def test_patch_embedding_is_the_strided_convolution():

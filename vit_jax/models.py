@@ -13,6 +13,7 @@ With `dtype=jnp.bfloat16` that is the usual mixed-precision recipe, and the fast
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,11 +101,52 @@ mixed_dot_general.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 def use_fused_attention() -> bool:
     """Whether `jax.nn.dot_product_attention` is the faster kernel on the default backend.
 
-    True on GPU (cuDNN flash attention) and TPU. On XLA:CPU two einsums in the (N, heads, L, head_dim)
-    layout are ~2x faster than the fused op, which transposes its (N, L, heads, head_dim) operands
-    (benchmark: 30 -> 17 ms per ViT-B/16 attention at batch 8).
+    True on GPU (cuDNN flash attention, see `fused_attention_implementation`) and TPU. On XLA:CPU two
+    einsums in the (N, heads, L, head_dim) layout are ~2x faster than the fused op, which transposes
+    its (N, L, heads, head_dim) operands (benchmark: 30 -> 17 ms per ViT-B/16 attention at batch 8).
     """
     return jax.default_backend() != "cpu"
+
+
+def fused_attention_implementation(dtype: Dtype, head_dim: int) -> str | None:
+    """The `implementation` to ask `jax.nn.dot_product_attention` for: "cudnn" (cuDNN's flash
+    attention) on NVIDIA GPUs of compute capability 8.0 (Ampere) or newer, for bfloat16 or float16
+    operands whose head dim is a multiple of 8, at most 128 (256 from 9.0, Hopper, on); else None.
+
+    None is XLA's attention: JAX does not pick cuDNN by itself (as of 0.10, `implementation=None`
+    means XLA on GPU too), and cuDNN's kernel takes no float32 operands.
+    """
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or head_dim % 8:
+        return None
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        return None
+    try:
+        major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):  # not a CUDA device (ROCm names its GPUs gfx...)
+        return None
+    if (major, minor) < (8, 0) or head_dim > (256 if major >= 9 else 128):
+        return None
+    return "cudnn"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands, on cuDNN's flash attention
+    where `fused_attention_implementation` allows it. If cuDNN refuses the call when it is traced
+    (no cuDNN found, a version without these shapes), XLA's attention is used, with a warning."""
+    implementation = fused_attention_implementation(q.dtype, q.shape[-1])
+    if implementation is not None:
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+            warnings.warn(
+                f"cuDNN attention is not available here ({reason}); using XLA's attention, "
+                "which is slower on GPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return jax.nn.dot_product_attention(q, k, v)
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
@@ -198,7 +240,8 @@ class MultiHeadDotProductAttention(nn.Module):
     (heads, D // heads, D). The attention weights (N, heads, L, L) are computed in float32 and kept
     only when the caller makes the `intermediates` collection mutable (sown as
     `intermediates/.../attention_weights`). Without that, and without attention dropout, GPU/TPU use the
-    fused `jax.nn.dot_product_attention` (cuDNN flash attention on GPU); see `use_fused_attention`.
+    fused `jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bfloat16/float16); see
+    `use_fused_attention` and `fused_attention_implementation`.
     """
 
     num_heads: int
@@ -227,8 +270,7 @@ class MultiHeadDotProductAttention(nn.Module):
         use_dropout = not deterministic and self.dropout_rate > 0.0
         keep_weights = self.is_mutable_collection("intermediates")
         if use_fused_attention() and not (use_dropout or keep_weights):
-            q, k, v = (t.astype(self.dtype) for t in (q, k, v))
-            y = jax.nn.dot_product_attention(q, k, v)
+            y = fused_attention(*(t.astype(self.dtype) for t in (q, k, v)))
             out_axes = (-2, -1)  # (N, L, heads, head_dim)
         else:
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
