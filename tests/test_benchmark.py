@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from vit_jax import benchmark
+from vit_jax import benchmark, models
 
 
 def test_infer_and_train_figures_are_consistent():
@@ -31,6 +31,23 @@ def test_cpu_blocks_are_reported():
     for mode in ("infer", "train"):
         r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=10)
         assert r["micro_batches"] == 2 and r["img_s"] > 0
+        assert r["attention"] == "einsum"  # XLA:CPU's
+
+
+def test_the_attention_that_ran_is_read_from_the_program(monkeypatch):
+    # As on a GPU: the fused op, and cuDNN asked for; on this CPU cuDNN refuses and XLA's form runs,
+    # which the benchmark reports, reading the lowered program rather than what was asked for.
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    monkeypatch.setattr(models, "fused_attention_implementation", lambda *a: "cudnn")
+    with pytest.warns(RuntimeWarning, match="cuDNN attention is not available here"):
+        r = benchmark.run("testing", 32, 4, "infer", dtype="bfloat16", steps=1)
+    assert r["attention"] == "xla"
+
+    class Lowered:  # what a program that reached cuDNN holds
+        def as_text(self):
+            return 'stablehlo.custom_call @"__cudnn$fmhaSoftmax"(%q, %k, %v)'
+
+    assert benchmark.attention_kernel(Lowered()) == "cudnn"
 
 
 def test_bad_model_or_image_size_gets_one_line():

@@ -7,7 +7,8 @@
 Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
 count of the forward pass; a training step counts 3x), achieved GFLOP/s, and that as a percentage of the
 peak matmul GFLOP/s of the same devices and dtype (all devices at once, the best of a few square sizes,
-measured before and after the model; the higher figure counts).
+measured before and after the model; the higher figure counts), and which attention the program runs
+(cuDNN flash attention, XLA's fused form, or XLA:CPU's einsums).
 """
 
 from __future__ import annotations
@@ -92,6 +93,24 @@ def matmul_peak_gflops(
     return best
 
 
+ATTENTION_KERNELS = {
+    "cudnn": "cuDNN flash attention",
+    "xla": "jax.nn.dot_product_attention, XLA's",
+    "einsum": "two einsums in the heads-major layout, for XLA:CPU",
+}
+
+
+def attention_kernel(lowered: Any) -> str:
+    """Which attention a lowered (`jax.jit(...).lower(...)`) ViT program runs, a key of
+    `ATTENTION_KERNELS`: read from the program itself, so a cuDNN call that fell back to XLA's
+    attention (`models.fused_attention`) shows as "xla"."""
+    from vit_jax import models
+
+    if not models.use_fused_attention():
+        return "einsum"
+    return "cudnn" if "__cudnn$fmha" in lowered.as_text() else "xla"
+
+
 def run(
     model_name: str = "ViT-B_16",
     image_size: int = 224,
@@ -161,7 +180,11 @@ def run(
         n_dev = jax.device_count()
         result["micro_batches"] = parallel.model_blocks(model, images.shape, n_dev, max_tokens)
         forward = jax.jit(lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens))
-        compile_s, times = _time(lambda: forward(params, images), steps)
+        t0 = time.perf_counter()
+        lowered = forward.lower(params, images)
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - t0
+        _, times = _time(lambda: compiled(params, images), steps)
         flops_factor = 1
     elif mode == "train":
         config = train.default_config()
@@ -184,7 +207,8 @@ def run(
         }
         # Compiled ahead of time, once: its memory analysis is known before the first step runs.
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch_arrays).compile()
+        lowered = step.lower(state, batch_arrays)
+        compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         memory = compiled.memory_analysis()
         if memory is not None:
@@ -215,6 +239,7 @@ def run(
 
     median = statistics.median(times)
     result["peak_rss_gib"] = _peak_rss_gib()
+    result["attention"] = attention_kernel(lowered)
     achieved = flops_factor * gflops_image * batch / median
     peak = max(peak_before, matmul_peak_gflops(jnp.dtype(dtype)))
     return {
@@ -317,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"achieved           {r['achieved_gflops']:.1f} GFLOP/s")
     print(f"matmul peak        {r['peak_matmul_gflops']:.1f} GFLOP/s ({r['dtype']}, same devices)")
     print(f"of peak            {r['percent_of_peak']:.1f} %")
+    print(f"attention          {r['attention']} ({ATTENTION_KERNELS[r['attention']]})")
     _print_memory(r)
 
 
