@@ -26,8 +26,9 @@ def test_infer_and_train_figures_are_consistent():
     assert infer["micro_batches"] == train["micro_batches"] == 1  # 4 images x 5 tokens: one block
 
 
-def test_cpu_blocks_are_reported():
-    # 5 tokens per image, at most 10 per block: 2 images a block.
+def test_cpu_blocks_are_reported(monkeypatch):
+    # 5 tokens per image, at most 10 per block: 2 images a block. (The peak is measured elsewhere.)
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a, **k: 100.0)
     for mode in ("infer", "train"):
         r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=10)
         assert r["micro_batches"] == 2 and r["img_s"] > 0
@@ -37,6 +38,7 @@ def test_cpu_blocks_are_reported():
 def test_the_attention_that_ran_is_read_from_the_program(monkeypatch):
     # As on a GPU: the fused op, and cuDNN asked for; on this CPU cuDNN refuses and XLA's form runs,
     # which the benchmark reports, reading the lowered program rather than what was asked for.
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a, **k: 100.0)
     monkeypatch.setattr(models, "use_fused_attention", lambda: True)
     monkeypatch.setattr(models, "fused_attention_implementation", lambda *a: "cudnn")
     with pytest.warns(RuntimeWarning, match="cuDNN attention is not available here"):
