@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -315,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             cpu_block_tokens=args.cpu_block_tokens,
         )  # fmt: skip
     except ValueError as e:  # an unknown model, an image size the patch size does not divide
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # bad input, as in the other commands
     if args.json:
         print(json.dumps(r))
         if "error" in r:
