@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import resnet
+from vit_jax.commands import first_line
 from vit_jax.variants import VARIANTS
 
 Dtype = Any
@@ -139,10 +140,9 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         except (NotImplementedError, RuntimeError, ValueError) as e:
-            reason = (str(e).strip() or type(e).__name__).splitlines()[0]
             warnings.warn(
-                f"cuDNN attention is not available here ({reason}); using XLA's attention, "
-                "which is slower on GPU",
+                f"cuDNN attention is not available here ({first_line(e) or type(e).__name__}); "
+                "using XLA's attention, which is slower on GPU",
                 RuntimeWarning,
                 stacklevel=2,
             )
