@@ -26,21 +26,19 @@ import numpy as np
 from vit_jax.commands import first_line, interruptible, nonnegative_int, positive_int, prog
 
 
-def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """(seconds of the first call, which compiles; per-step seconds of the next `steps` calls)."""
+def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
+    """Per-call seconds of `steps` calls of `fn`, after 1 + `warmup` untimed ones (the first of
+    which compiles a function that is not compiled yet)."""
     import jax
 
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
+    for _ in range(1 + warmup):
         jax.block_until_ready(fn())
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return first, times
+    return times
 
 
 def _peak_rss_gib() -> float:
@@ -89,7 +87,7 @@ def matmul_peak_gflops(
     for n in [size] if isinstance(size, int) else size:
         a = jax.device_put(jnp.ones((len(devices) * n, n), dtype), NamedSharding(mesh, P("data")))
         b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, P()))
-        _, times = _time(lambda a=a, b=b: f(a, b), steps)
+        times = _time(lambda a=a, b=b: f(a, b), steps)
         best = max(best, 2 * n**3 * len(devices) / statistics.median(times) / 1e9)
     return best
 
@@ -185,7 +183,7 @@ def run(
         lowered = forward.lower(params, images)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
-        _, times = _time(lambda: compiled(params, images), steps)
+        times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
         flops_factor = 1
     elif mode == "train":
         config = train.default_config()
@@ -222,7 +220,7 @@ def run(
             return metrics["loss"]
 
         try:
-            _, times = _time(one_step, steps)
+            times = _time(one_step, steps)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
