@@ -32,7 +32,7 @@ def attention_weights(model: Any, params: Any, images: Any) -> list[np.ndarray]:
 def _attention_fn(model: Any) -> Any:
     """`model`'s forward pass that returns each layer's sown attention weights, compiled once per
     model and input shape. Op by op, ViT-B/16 took 3.1 s for its first image and 0.51 s for each
-    next one on a 2-core CPU; compiled, 1.1 s and 0.25 s."""
+    next one on a 2-core CPU; compiled, 1.1-1.7 s and 0.25-0.31 s (two measurements)."""
     import jax
 
     @jax.jit
