@@ -224,6 +224,22 @@ def test_cudnn_flash_attention_is_asked_for_where_cudnn_has_it(monkeypatch):
     assert pick(jnp.bfloat16, 64) is None
 
 
+def test_default_compute_dtype_is_bfloat16_where_matrix_units_run_it(monkeypatch):
+    auto = models.default_compute_dtype
+    assert auto() == jnp.float32  # this CPU, although it has AVX512-BF16
+    bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
+    device = types.SimpleNamespace(platform="tpu")
+    assert auto(device) == bf16
+    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    assert auto() == bf16
+    device.platform = "gpu"
+    for capability, dtype in [("9.0", bf16), ("8.9", bf16), ("8.0", bf16), ("7.5", f32)]:
+        device.compute_capability = capability
+        assert auto() == dtype, capability
+    device.compute_capability = "gfx942"  # ROCm MI300: untested here, so float32
+    assert auto() == f32
+
+
 def test_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
     model = models.get_model(
         "testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=2, dtype=jnp.bfloat16

@@ -1073,11 +1073,13 @@ def test_cli_model_overrides_are_checked(arg, message, capsys):
     assert overrides == {"classifier": "gap", "representation_size": None}
 
 
-def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys):
+def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys, monkeypatch):
+    assert tiny_config().dtype == "auto"
     train.train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
     with open(tmp_path / "config.json") as f:
-        assert json.load(f)["total_steps"] == 2
-    capsys.readouterr()
+        saved = json.load(f)
+    assert saved["total_steps"] == 2 and saved["dtype"] == "float32"  # what 'auto' is on CPU
+    assert " cpu device(s) in float32, batch 8 " in capsys.readouterr().out
     config = tiny_config(total_steps=4, base_lr=0.1)
     config.model_overrides.dropout_rate = 0.1
     train.train_and_evaluate(config, str(tmp_path))
@@ -1096,6 +1098,14 @@ def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys):
         "config-2.json",
         "config.json",
     ]
+    # The run moved to a machine where 'auto' means bfloat16 (a GPU): said, like any change.
+    monkeypatch.setattr(models, "default_compute_dtype", lambda *a: jnp.dtype(jnp.bfloat16))
+    train.train_and_evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert (
+        'settings changed since step 4 (kept in config-4.json): dtype "float32" -> "bfloat16"\n'
+    ) in out
+    assert " device(s) in bfloat16, " in out
 
 
 def test_run_directory_resumes_the_newest_unfinished_run(tmp_path):

@@ -109,6 +109,32 @@ def use_fused_attention() -> bool:
     return jax.default_backend() != "cpu"
 
 
+def cuda_compute_capability(device: Any) -> tuple[int, int] | None:
+    """(major, minor) of an NVIDIA GPU, e.g. (9, 0) for an H100/H200; None for any other device
+    (CPU, TPU, and ROCm GPUs, which name their architecture gfx...)."""
+    if device.platform != "gpu":
+        return None
+    try:
+        major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
+    except (AttributeError, ValueError):
+        return None
+    return major, minor
+
+
+def default_compute_dtype(device: Any = None) -> jnp.dtype:
+    """The compute dtype that `dtype="auto"` (training's default) picks for `device` (default: the
+    first device): bfloat16 on TPUs and on NVIDIA GPUs of compute capability 8.0 (A100) or newer,
+    whose matrix units run it at several times the float32 rate and where it brings cuDNN's flash
+    attention; float32 on CPUs (bfloat16 is fast only on those with AVX512-BF16 or AMX, and a CPU
+    run's numbers should not depend on which one it landed on), older NVIDIA GPUs and ROCm GPUs.
+    """
+    device = device or jax.devices()[0]
+    capability = cuda_compute_capability(device)
+    if device.platform == "tpu" or (capability is not None and capability >= (8, 0)):
+        return jnp.dtype(jnp.bfloat16)
+    return jnp.dtype(jnp.float32)
+
+
 def fused_attention_implementation(dtype: Dtype, head_dim: int) -> str | None:
     """The `implementation` to ask `jax.nn.dot_product_attention` for: "cudnn" (cuDNN's flash
     attention) on NVIDIA GPUs of compute capability 8.0 (Ampere) or newer, for bfloat16 or float16
@@ -119,14 +145,10 @@ def fused_attention_implementation(dtype: Dtype, head_dim: int) -> str | None:
     """
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or head_dim % 8:
         return None
-    device = jax.devices()[0]
-    if device.platform != "gpu":
+    capability = cuda_compute_capability(jax.devices()[0])
+    if capability is None or capability < (8, 0):
         return None
-    try:
-        major, minor = (int(x) for x in str(device.compute_capability).split(".")[:2])
-    except (AttributeError, ValueError):  # not a CUDA device (ROCm names its GPUs gfx...)
-        return None
-    if (major, minor) < (8, 0) or head_dim > (256 if major >= 9 else 128):
+    if head_dim > (256 if capability >= (9, 0) else 128):
         return None
     return "cudnn"
 

@@ -81,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9
     c.momentum_dtype = "bfloat16"  # SGD momentum / AdamW first moment: 'bfloat16' or 'float32'
     c.weight_decay = 0.0
-    c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    # Compute dtype: 'float32', 'bfloat16', or 'auto': bfloat16 on TPUs and NVIDIA GPUs from the
+    # A100 on, float32 elsewhere (models.default_compute_dtype); config.json records the one used.
+    c.dtype = "auto"
     # Memory levers; each gives the same numbers up to float rounding (XLA may sum in another order).
     c.remat = False  # recompute encoder blocks in the backward pass, one at a time
     c.shard_params = False  # FSDP: split params and optimizer state over the devices
@@ -185,7 +187,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         config.optimizer in ("sgd", "adamw"), f"optimizer={config.optimizer!r}: use sgd or adamw"
     )
     require(
-        config.dtype in ("float32", "bfloat16"), f"dtype={config.dtype!r}: use float32 or bfloat16"
+        config.dtype in ("auto", "float32", "bfloat16"),
+        f"dtype={config.dtype!r}: use auto, float32 or bfloat16",
     )
     require(
         config.momentum_dtype in ("float32", "bfloat16"),
@@ -797,6 +800,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = data_mesh(devices)
     data_sharding = NamedSharding(mesh, P("data"))
     config = _expand_user(config)
+    if config.dtype == "auto":
+        config.dtype = models.default_compute_dtype(devices[0]).name
     workdir = os.path.abspath(os.path.expanduser(workdir))
     _check_workdir_outside_images(config, workdir)
 
@@ -920,7 +925,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log(
         f"{model_name} ({models.count_params(model, hw):,} params) on {info.name} "
         f"({info.num_classes} classes) at {hw[0]}x{hw[1]}, {num_devices} {devices[0].platform} "
-        f"device(s), batch {config.batch} ({micro} micro-batches), steps "
+        f"device(s) in {config.dtype}, batch {config.batch} ({micro} micro-batches), steps "
         f"{start}->{config.total_steps}, run directory {workdir}"
     )
     for note in input_pipeline.data_notes(info, "train") + input_pipeline.data_notes(info, "test"):
@@ -1216,7 +1221,13 @@ def _define_flags():
     f.DEFINE_string(
         "tfds_manual_dir", None, "Directory with manually downloaded files (imagenet2012)."
     )
-    f.DEFINE_enum("dtype", None, ["float32", "bfloat16"], f"Compute dtype (default {d.dtype}).")
+    f.DEFINE_enum(
+        "dtype",
+        None,
+        ["auto", "float32", "bfloat16"],
+        f"Compute dtype of the matrix products (default {d.dtype}: bfloat16 on TPUs and NVIDIA "
+        "GPUs from the A100 on, float32 elsewhere).",
+    )
     f.DEFINE_integer(
         "seed", None, f"Random seed for init, data order, augmentation, dropout (default {d.seed})."
     )
