@@ -7,6 +7,7 @@ import pytest
 # One JAX compilation cache for the session, shared with the processes the tests start (CLI runs,
 # multi-process runs): many tests compile the same tiny models' steps, and on a 2-core machine
 # compiling them again took about a sixth of the suite's time. Removed when the session ends.
+# With pytest-xdist (`make test` runs two workers) the main process makes it and the workers share it.
 _CACHE_SETTINGS = {
     "jax_persistent_cache_min_compile_time_secs": 0,
     "jax_persistent_cache_min_entry_size_bytes": -1,
@@ -16,8 +17,11 @@ _cache_dir = ""
 
 def pytest_configure(config):
     global _cache_dir
-    _cache_dir = tempfile.mkdtemp(prefix="vit-jax-tests-xla-")
-    settings = {"jax_compilation_cache_dir": _cache_dir, **_CACHE_SETTINGS}
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the main process's cache
+        cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    else:
+        _cache_dir = cache = tempfile.mkdtemp(prefix="vit-jax-tests-xla-")
+    settings = {"jax_compilation_cache_dir": cache, **_CACHE_SETTINGS}
     os.environ.update({name.upper(): str(value) for name, value in settings.items()})
     import jax  # (if a plugin imported it already, the variables above came too late for it)
 
