@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import jax
@@ -775,6 +776,45 @@ def kill_after_5_batches(monkeypatch):
     return real
 
 
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "vit_jax-prefetch"]
+
+
+def test_prefetch_moves_batches_ahead_and_stops_when_closed():
+    sharding = jax.sharding.NamedSharding(parallel.data_mesh(), jax.sharding.PartitionSpec("data"))
+    made, closed = [], []
+
+    def source():  # endless, like the training input
+        try:
+            for i in range(10**9):
+                made.append(i)
+                yield {"x": np.full((2, 3), i, np.float32)}
+        finally:
+            closed.append(True)
+
+    batches = train.prefetch(source(), sharding, size=2)
+    for i in range(3):
+        batch = next(batches)
+        assert isinstance(batch["x"], jax.Array) and float(batch["x"][0, 0]) == i
+    deadline = time.monotonic() + 10
+    while len(made) < 6 and time.monotonic() < deadline:  # 3 taken, 2 queued, 1 waiting to be
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert len(made) == 6  # `size` ahead, no further
+    batches.close()
+    assert not _prefetch_threads() and closed == [True]
+
+    def failing():
+        yield {"x": np.zeros((2, 3), np.float32)}
+        raise ValueError("unreadable record")
+
+    batches = train.prefetch(failing(), sharding)
+    next(batches)
+    with pytest.raises(ValueError, match="unreadable record"):
+        next(batches)
+    assert not _prefetch_threads()
+
+
 def test_resuming_with_other_settings_is_refused_and_keeps_the_run(tmp_path):
     run = str(tmp_path / "run")
     config = tiny_config(total_steps=2, checkpoint_every=2, eval_every=2)
@@ -798,9 +838,12 @@ def test_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mo
     config.model_overrides["dropout_rate"] = 0.1
     train.train_and_evaluate(config, str(tmp_path / "straight"))
 
+    assert not _prefetch_threads()  # a finished run leaves no input thread behind
+
     real = kill_after_5_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert not _prefetch_threads()  # nor an interrupted one
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3"]
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "train_lo')  # a row cut short: the process was killed writing it

@@ -432,26 +432,55 @@ def format_report(
 # ----------------------------------------------------------------------------- plumbing
 
 
-def prefetch(iterator: Iterator, sharding: NamedSharding, size: int = 2) -> Iterator:
-    """Moves batches to the devices in a background thread, `size` ahead of the training loop."""
+def prefetch(
+    iterator: Iterator, sharding: NamedSharding, size: int = 2, stop_timeout_s: float = 10.0
+) -> Iterator:
+    """Moves batches to the devices in a background thread, `size` ahead of the training loop.
+
+    Closing the returned generator (`.close()`, or its garbage collection) stops the thread: it
+    finishes the batch it is on (waiting at most `stop_timeout_s`) and the source iterator is closed.
+    A thread left running holds the input pipeline and `size` device batches (in a notebook, until
+    the kernel restarts), and one still inside TensorFlow or JAX when the interpreter exits can
+    abort the process ("FATAL: exception not rethrown").
+    """
     import queue
 
     q: queue.Queue = queue.Queue(maxsize=size)
-    sentinel = object()
+    done = object()
+    stop = threading.Event()
 
-    def worker():
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def worker() -> None:
         try:
             for batch in iterator:
-                q.put(to_device(batch, sharding))
+                if not put(to_device(batch, sharding)):
+                    return
         except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-        q.put(sentinel)
+            put(e)
+            return
+        put(done)
 
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not sentinel:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=worker, name="vit_jax-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(stop_timeout_s)
+        close = getattr(iterator, "close", None)
+        if close is not None and not thread.is_alive():
+            close()
 
 
 def _json_row(line: str) -> dict[str, Any] | None:
@@ -1034,6 +1063,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if do_ckpt:
                     save(step)
     finally:
+        batches.close()  # stops the prefetch thread (see `prefetch`)
         bar.close()
         manager.wait_until_finished()
         writer.close()
