@@ -53,6 +53,10 @@ def test_mock_cifar10_run_evaluates_every_example(tmp_path):
     logged = rows(tmp_path)
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert {"step", "train_loss", "learning_rate", "img_sec_core"} <= set(logged[0])
+    schedule = train.make_schedule(config)  # the rate each logged step trained with
+    expected = [float(schedule(step - 1)) for step in (1, 2, 3, 4)]
+    np.testing.assert_allclose([r["learning_rate"] for r in logged], expected, rtol=1e-6)
+    assert len(set(expected)) == 4  # (warmup: a different rate at each step)
     assert "accuracy" in logged[-1] and "accuracy" not in logged[0]
     for name in ("model.npz", "curves.png", "eval.json", "report.txt"):
         assert os.path.exists(tmp_path / name), name

@@ -927,7 +927,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_step = make_train_step(model, tx, config, mesh, shardings)
     eval_step = make_eval_step(model, config.cpu_block_tokens)
-    schedule = make_schedule(config)
+    # The logged learning rate: one compiled program instead of ~10 eager ops each compiled (0.5 s).
+    schedule = jax.jit(make_schedule(config))
     writer = MetricWriter(workdir)
     writer.truncate_after(start)
     if note := record_config(config, workdir, start if resuming else None):
