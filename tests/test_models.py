@@ -210,7 +210,7 @@ def test_cudnn_flash_attention_is_asked_for_where_cudnn_has_it(monkeypatch):
     pick = models.fused_attention_implementation
     assert pick(jnp.bfloat16, 64) is None  # this CPU
     gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0")  # H100/H200
-    monkeypatch.setattr(jax, "devices", lambda *a: [gpu])
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [gpu])
     assert pick(jnp.bfloat16, 64) == pick(jnp.float16, 64) == "cudnn"
     assert pick(jnp.bfloat16, 80) == "cudnn"  # ViT-H/14
     assert pick(jnp.float32, 64) is None  # cuDNN's kernel takes no float32 operands
@@ -230,7 +230,7 @@ def test_default_compute_dtype_is_bfloat16_where_matrix_units_run_it(monkeypatch
     bf16, f32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)
     device = types.SimpleNamespace(platform="tpu")
     assert auto(device) == bf16
-    monkeypatch.setattr(jax, "devices", lambda *a: [device])
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [device])
     assert auto() == bf16
     device.platform = "gpu"
     for capability, dtype in [("9.0", bf16), ("8.9", bf16), ("8.0", bf16), ("7.5", f32)]:

@@ -830,7 +830,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_sharding = NamedSharding(mesh, P("data"))
     config = _expand_user(config)
     if config.dtype == "auto":
-        config.dtype = models.default_compute_dtype(devices[0]).name
+        config.dtype = models.default_compute_dtype().name
     workdir = os.path.abspath(os.path.expanduser(workdir))
     _check_workdir_outside_images(config, workdir)
 
