@@ -7,7 +7,8 @@ import pytest
 # One JAX compilation cache for the session, shared with the processes the tests start (CLI runs,
 # multi-process runs): many tests compile the same tiny models' steps, and on a 2-core machine
 # compiling them again took about a sixth of the suite's time. Removed when the session ends.
-# With pytest-xdist (`make test` runs two workers) the main process makes it and the workers share it.
+# With pytest-xdist (`make test` runs two workers) the main process makes it and the workers
+# share it.
 _CACHE_SETTINGS = {
     "jax_persistent_cache_min_compile_time_secs": 0,
     "jax_persistent_cache_min_entry_size_bytes": -1,

@@ -801,7 +801,7 @@ def test_prefetch_moves_batches_ahead_and_stops_when_closed():
         batch = next(batches)
         assert isinstance(batch["x"], jax.Array) and float(batch["x"][0, 0]) == i
     deadline = time.monotonic() + 10
-    while len(made) < 6 and time.monotonic() < deadline:  # 3 taken, 2 queued, 1 waiting to be
+    while len(made) < 6 and time.monotonic() < deadline:  # 3 taken, 2 queued, 1 waiting for room
         time.sleep(0.01)
     time.sleep(0.2)
     assert len(made) == 6  # `size` ahead, no further

@@ -123,10 +123,12 @@ def cuda_compute_capability(device: Any) -> tuple[int, int] | None:
 
 def default_compute_dtype(device: Any = None) -> jnp.dtype:
     """The compute dtype that `dtype="auto"` (training's default) picks for `device` (default: the
-    first local device, which every process of a multi-host run has the same kind of): bfloat16 on TPUs and on NVIDIA GPUs of compute capability 8.0 (A100) or newer,
-    whose matrix units run it at several times the float32 rate and where it brings cuDNN's flash
-    attention; float32 on CPUs (bfloat16 is fast only on those with AVX512-BF16 or AMX, and a CPU
-    run's numbers should not depend on which one it landed on), older NVIDIA GPUs and ROCm GPUs.
+    first local device, which every process of a multi-host run has the same kind of).
+
+    bfloat16 on TPUs and on NVIDIA GPUs of compute capability 8.0 (A100) or newer, whose matrix units
+    run it at several times the float32 rate and where it brings cuDNN's flash attention; float32 on
+    CPUs (bfloat16 is fast only on those with AVX512-BF16 or AMX, and a CPU run's numbers should not
+    depend on which one it landed on), older NVIDIA GPUs and ROCm GPUs.
     """
     device = device or jax.local_devices()[0]
     capability = cuda_compute_capability(device)
