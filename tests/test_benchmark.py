@@ -49,7 +49,19 @@ def test_the_attention_that_ran_is_read_from_the_program(monkeypatch):
         def as_text(self):
             return 'stablehlo.custom_call @"__cudnn$fmhaSoftmax"(%q, %k, %v)'
 
-    assert benchmark.attention_kernel(Lowered()) == "cudnn"
+    assert benchmark.attention_kernel(Lowered(), "cudnn") == "cudnn"
+    assert benchmark.attention_kernel(Lowered(), "einsum") == "einsum"
+
+
+def test_the_attention_can_be_chosen(capsys):
+    r = benchmark.run("testing", 32, 4, "train", steps=1, attention="xla")
+    assert r["attention"] == "xla" and r["dtype"] == "float32"  # dtype auto: float32 on CPU
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["--model", "testing", "--image_size", "32", "--attention", "cudnn"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: attention='cudnn' needs an NVIDIA GPU") and err.count("\n") == 1
+    assert benchmark.ATTENTION_CHOICES == models.ATTENTION  # --attention's, without importing jax
 
 
 def test_bad_model_or_image_size_gets_one_line(capsys):

@@ -194,9 +194,10 @@ def test_attention_paths_agree_and_weights_are_sown(monkeypatch, dtype, tol):
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads_sown))
     for g, g_sown in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_sown), strict=True):
         np.testing.assert_allclose(g / scale, g_sown / scale, atol=tol)
-    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
-    fused = model.apply({"params": params}, images)
+    fused = model.clone(attention="xla").apply({"params": params}, images)
     np.testing.assert_allclose(explicit, fused, rtol=tol, atol=tol)
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)  # GPU/TPU: 'auto' is fused
+    np.testing.assert_array_equal(model.apply({"params": params}, images), fused)
     weights = state["intermediates"]["Transformer"]["encoderblock_1"][
         "MultiHeadDotProductAttention_1"
     ]["attention_weights"][0]
@@ -222,6 +223,29 @@ def test_cudnn_flash_attention_is_asked_for_where_cudnn_has_it(monkeypatch):
     assert pick(jnp.bfloat16, 64) is None
     gpu.compute_capability = "gfx90a"  # ROCm
     assert pick(jnp.bfloat16, 64) is None
+
+
+def test_the_attention_setting_picks_the_kernel(monkeypatch):
+    path = models.attention_path
+    assert [path(a, jnp.bfloat16, 64) for a in ("auto", "xla", "einsum")] == [
+        "einsum",  # this CPU
+        "xla",
+        "einsum",
+    ]
+    with pytest.raises(ValueError, match=r"^attention='cudnn' needs an NVIDIA GPU .* this is cpu"):
+        path("cudnn", jnp.bfloat16, 64)
+    with pytest.raises(ValueError, match=r"^unknown attention='flash'; expected one of auto, "):
+        path("flash", jnp.float32, 64)
+    with pytest.raises(ValueError, match=r"^unknown attention='flash'; expected one of auto, "):
+        models.get_model("testing", attention="flash")
+    gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="H100")
+    monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [gpu])
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    assert path("auto", jnp.bfloat16, 64) == path("cudnn", jnp.bfloat16, 64) == "cudnn"
+    assert path("auto", jnp.float32, 64) == "xla"  # cuDNN's kernel takes no float32 operands
+    assert path("xla", jnp.bfloat16, 64) == "xla" and path("einsum", jnp.bfloat16, 64) == "einsum"
+    with pytest.raises(ValueError, match=r"this is H100 with float32 compute and head dim 64: use"):
+        path("cudnn", jnp.float32, 64)
 
 
 def test_default_compute_dtype_is_bfloat16_where_matrix_units_run_it(monkeypatch):
@@ -254,6 +278,11 @@ def test_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
     ):
         fallback = model.apply({"params": params}, images)
     np.testing.assert_array_equal(fallback, xla)
+    # Asked for by name, cuDNN is not replaced: one clear error instead.
+    with pytest.raises(
+        ValueError, match=r"^attention='cudnn': cuDNN refused this call \(cuDNN is not detected"
+    ):
+        model.clone(attention="cudnn").apply({"params": params}, images)
 
 
 def test_patch_embedding_is_the_strided_convolution():

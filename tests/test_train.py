@@ -955,6 +955,7 @@ def test_bad_batch_is_a_clear_error():
         ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),
         ({"image_size": 0}, r"^image_size=0: use a positive number of pixels"),
         ({"test_fraction": 1.0}, r"^test_fraction=1.0 must be in \[0, 1\)"),
+        ({"attention": "flash"}, r"^attention='flash': use auto, cudnn, xla, einsum$"),
         ({"model": "testing-unpooled"}, r"^classifier='token_unpooled': training needs one output"),
     ],
 )
@@ -974,6 +975,13 @@ def test_bad_model_settings_stop_before_the_run_directory_exists(tmp_path):
     config.model_overrides = {**config.model_overrides.to_dict(), "heads": 2}
     with pytest.raises(train.TrainingError, match=r"unknown model option\(s\) \['heads'\]"):
         train.train_and_evaluate(config, str(tmp_path / "b"))
+    # cuDNN's attention asked for where it cannot run (this CPU): said before anything starts.
+    with pytest.raises(
+        train.TrainingError,
+        match=r"^attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or newer .* "
+        r"use attention='auto' or 'xla'$",
+    ):
+        train.train_and_evaluate(tiny_config(attention="cudnn"), str(tmp_path / "c"))
     assert os.listdir(tmp_path) == []
 
 
@@ -1061,6 +1069,33 @@ def test_cli_runs_on_an_image_folder_and_reports_bad_input(tmp_path):
         assert flag in runs["help"].stdout
 
 
+def test_a_failing_cudnn_gets_one_line_that_names_the_way_around(tmp_path):
+    # What a cuDNN that cannot build the flash-attention graph raises when XLA compiles the step.
+    code = textwrap.dedent(
+        """
+        import sys
+        import jax
+        from vit_jax import train
+
+        def fail(config, workdir):
+            raise jax.errors.JaxRuntimeError(
+                "INTERNAL: cuDNN graph could not be built\\nsecond line of the trace"
+            )
+
+        train.train_and_evaluate = fail
+        train.main(["vit-train", *sys.argv[1:]])
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--logdir", str(tmp_path), "--name", "a"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: a cuDNN call failed (INTERNAL: cuDNN graph could not be built). If it is the "
+        "attention, rerun with --attention xla (a run with checkpoints resumes from the latest)"
+    ]
+
+
 def test_cli_on_mock_cifar10(tmp_path):
     code = textwrap.dedent(
         """
@@ -1105,6 +1140,7 @@ def test_cli_on_mock_cifar10(tmp_path):
         ("num_layers=2.5", "num_layers=2.5: expected a positive integer"),
         ("heads=2", "heads: VisionTransformer has no such attribute; did you mean num_heads?"),
         ("dtype=bfloat16", "dtype: use --dtype (model options:"),
+        ("attention=xla", "attention: use --attention (model options:"),
     ],
 )
 def test_cli_model_overrides_are_checked(arg, message, capsys):
@@ -1126,7 +1162,7 @@ def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys, monkeyp
     with open(tmp_path / "config.json") as f:
         saved = json.load(f)
     assert saved["total_steps"] == 2 and saved["dtype"] == "float32"  # what 'auto' is on CPU
-    assert " cpu device(s) in float32, batch 8 " in capsys.readouterr().out
+    assert " cpu device(s) in float32 (einsum attention), batch 8 " in capsys.readouterr().out
     config = tiny_config(total_steps=4, base_lr=0.1)
     config.model_overrides.dropout_rate = 0.1
     train.train_and_evaluate(config, str(tmp_path))
@@ -1145,14 +1181,17 @@ def test_a_resumed_run_names_the_settings_that_changed(tmp_path, capsys, monkeyp
         "config-2.json",
         "config.json",
     ]
-    # The run moved to a machine where 'auto' means bfloat16 (a GPU): said, like any change.
+    # The run moved to a machine where 'auto' means bfloat16 (a GPU), and takes XLA's fused
+    # attention (the way around a failing cuDNN): said, like any change.
     monkeypatch.setattr(models, "default_compute_dtype", lambda *a: jnp.dtype(jnp.bfloat16))
+    config.attention, config.total_steps = "xla", 5
     train.train_and_evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
     assert (
-        'settings changed since step 4 (kept in config-4.json): dtype "float32" -> "bfloat16"\n'
+        'settings changed since step 4 (kept in config-4.json): attention "auto" -> "xla", '
+        'dtype "float32" -> "bfloat16", total_steps 4 -> 5\n'
     ) in out
-    assert " device(s) in bfloat16, " in out
+    assert " device(s) in bfloat16 (xla attention), " in out
 
 
 def test_run_directory_resumes_the_newest_unfinished_run(tmp_path):

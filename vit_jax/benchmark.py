@@ -92,6 +92,7 @@ def matmul_peak_gflops(
     return best
 
 
+ATTENTION_CHOICES = ("auto", "cudnn", "xla", "einsum")  # models.ATTENTION (that imports JAX)
 ATTENTION_KERNELS = {
     "cudnn": "cuDNN flash attention",
     "xla": "jax.nn.dot_product_attention, XLA's",
@@ -99,13 +100,12 @@ ATTENTION_KERNELS = {
 }
 
 
-def attention_kernel(lowered: Any) -> str:
+def attention_kernel(lowered: Any, path: str) -> str:
     """Which attention a lowered (`jax.jit(...).lower(...)`) ViT program runs, a key of
-    `ATTENTION_KERNELS`: read from the program itself, so a cuDNN call that fell back to XLA's
-    attention (`models.fused_attention`) shows as "xla"."""
-    from vit_jax import models
-
-    if not models.use_fused_attention():
+    `ATTENTION_KERNELS`, given the one its model picked (`models.attention_path`): the fused forms
+    are read from the program itself, so a cuDNN call that fell back to XLA's attention
+    (`models.fused_attention`) shows as "xla"."""
+    if path == "einsum":
         return "einsum"
     return "cudnn" if "__cudnn$fmha" in lowered.as_text() else "xla"
 
@@ -115,12 +115,13 @@ def run(
     image_size: int = 224,
     batch: int = 8,
     mode: str = "infer",
-    dtype: str = "float32",
+    dtype: str = "auto",
     steps: int = 10,
     num_classes: int = 1000,
     remat: bool = False,
     shard_params: bool = False,
     cpu_block_tokens: int | None = None,
+    attention: str = "auto",
 ) -> dict[str, Any]:
     """Measures one configuration; returns the figures as a dict.
 
@@ -129,12 +130,18 @@ def run(
     runs out of memory returns those figures with an `error` instead of timings.
     `cpu_block_tokens` (None: the default, `parallel.CPU_BLOCK_TOKENS`) sets the CPU cache blocking
     (`parallel.cpu_blocks`); the result's `micro_batches` says in how many blocks a step ran.
+    `attention` is the model's attention setting (`models.ATTENTION`); the result's `attention` is
+    the kernel the compiled program runs. `dtype` "auto" is `models.default_compute_dtype()`.
     """
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    if dtype == "auto":
+        from vit_jax.models import default_compute_dtype
+
+        dtype = default_compute_dtype().name
     result: dict[str, Any] = {
         "model": model_name, "mode": mode, "dtype": dtype, "batch": batch, "image_size": image_size,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
@@ -153,8 +160,10 @@ def run(
     from vit_jax import models, parallel, summary, train
 
     model = models.get_model(
-        model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), remat=remat
-    )
+        model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), remat=remat,
+        attention=attention,
+    )  # fmt: skip
+    path = models.attention_path(attention, model.dtype, model.hidden_size // model.num_heads)
     mesh = parallel.data_mesh()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
@@ -238,7 +247,7 @@ def run(
 
     median = statistics.median(times)
     result["peak_rss_gib"] = _peak_rss_gib()
-    result["attention"] = attention_kernel(lowered)
+    result["attention"] = attention_kernel(lowered, path)
     achieved = flops_factor * gflops_image * batch / median
     peak = max(peak_before, matmul_peak_gflops(jnp.dtype(dtype)))
     return {
@@ -286,7 +295,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image_size", type=positive_int, default=224)
     parser.add_argument("--batch", type=positive_int, default=8)
     parser.add_argument("--mode", choices=["infer", "train", "input"], default="infer")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="compute dtype (default auto, as in training: bfloat16 on TPUs and NVIDIA GPUs from "
+        "the A100 on, float32 elsewhere)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="auto",
+        help="attention kernel (default auto, as in training: cuDNN flash attention on NVIDIA GPUs "
+        "from the A100 on in bfloat16, XLA's fused form on other GPUs and TPUs, einsums on CPU)",
+    )
     parser.add_argument(
         "--steps", type=positive_int, default=10, help="timed steps after compile + warm-up"
     )
@@ -311,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         r = run(
             args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
             remat=args.remat, shard_params=args.shard_params,
-            cpu_block_tokens=args.cpu_block_tokens,
+            cpu_block_tokens=args.cpu_block_tokens, attention=args.attention,
         )  # fmt: skip
     except ValueError as e:  # an unknown model, an image size the patch size does not divide
         print(f"error: {e}", file=sys.stderr)

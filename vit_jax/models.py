@@ -30,6 +30,8 @@ Dtype = Any
 Initializer = Callable[..., jax.Array]
 
 CLASSIFIERS = ("token", "gap", "unpooled", "token_unpooled")
+# The `attention` setting of the model: see `attention_path`.
+ATTENTION = ("auto", "cudnn", "xla", "einsum")
 
 
 def dot_general(dtype: Dtype) -> Callable[..., jax.Array]:
@@ -155,17 +157,49 @@ def fused_attention_implementation(dtype: Dtype, head_dim: int) -> str | None:
     return "cudnn"
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands, on cuDNN's flash attention
-    where `fused_attention_implementation` allows it. If cuDNN refuses the call when it is traced
-    (no cuDNN found, a version without these shapes), XLA's attention is used, with a warning."""
-    implementation = fused_attention_implementation(q.dtype, q.shape[-1])
-    if implementation is not None:
+def attention_path(attention: str, dtype: Dtype, head_dim: int) -> str:
+    """The attention that a layer computing in `dtype`, with heads of `head_dim`, runs for the
+    setting `attention` (one of `ATTENTION`): "cudnn", "xla" or "einsum".
+
+    "auto" is "einsum" on XLA:CPU (`use_fused_attention`), "cudnn" where
+    `fused_attention_implementation` allows it, else "xla" (`jax.nn.dot_product_attention` in XLA's
+    form). "cudnn" asked for where cuDNN's flash attention cannot run raises ValueError. Whatever is
+    asked, attention maps and attention dropout use the einsum form, which forms the weights.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention={attention!r}; expected one of {', '.join(ATTENTION)}")
+    if attention == "auto":
+        if not use_fused_attention():
+            return "einsum"
+        return fused_attention_implementation(dtype, head_dim) or "xla"
+    if attention == "cudnn" and fused_attention_implementation(dtype, head_dim) is None:
+        raise ValueError(
+            f"attention='cudnn' needs an NVIDIA GPU of compute capability 8.0 or newer and bfloat16 "
+            f"or float16 compute with a head dim that is a multiple of 8, at most 128 (256 from 9.0); "
+            f"this is {jax.local_devices()[0].device_kind} with {jnp.dtype(dtype).name} compute and "
+            f"head dim {head_dim}: use attention='auto' or 'xla'"
+        )
+    return attention
+
+
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, cudnn: bool = False, required: bool = False
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands: cuDNN's flash attention
+    when `cudnn`, else XLA's. If cuDNN refuses the call when it is traced (no cuDNN found, a version
+    without these shapes), XLA's attention is used, with a warning, unless `required` (ValueError)."""
+    if cudnn:
         try:
-            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
+            reason = first_line(e) or type(e).__name__
+            if required:
+                raise ValueError(
+                    f"attention='cudnn': cuDNN refused this call ({reason}); "
+                    "use attention='auto' or 'xla'"
+                ) from None
             warnings.warn(
-                f"cuDNN attention is not available here ({first_line(e) or type(e).__name__}); "
+                f"cuDNN attention is not available here ({reason}); "
                 "using XLA's attention, which is slower on GPU",
                 RuntimeWarning,
                 stacklevel=2,
@@ -263,14 +297,15 @@ class MultiHeadDotProductAttention(nn.Module):
     (N, L, D) -> (N, L, D). `query`/`key`/`value` kernels are (D, heads, D // heads), `out` is
     (heads, D // heads, D). The attention weights (N, heads, L, L) are computed in float32 and kept
     only when the caller makes the `intermediates` collection mutable (sown as
-    `intermediates/.../attention_weights`). Without that, and without attention dropout, GPU/TPU use the
-    fused `jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bfloat16/float16); see
-    `use_fused_attention` and `fused_attention_implementation`.
+    `intermediates/.../attention_weights`). Without that, and without attention dropout, `attention`
+    picks the kernel (`attention_path`): by default the fused `jax.nn.dot_product_attention` on
+    GPU/TPU (cuDNN flash attention on GPU in bfloat16/float16) and two einsums on CPU.
     """
 
     num_heads: int
     dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -293,8 +328,13 @@ class MultiHeadDotProductAttention(nn.Module):
 
         use_dropout = not deterministic and self.dropout_rate > 0.0
         keep_weights = self.is_mutable_collection("intermediates")
-        if use_fused_attention() and not (use_dropout or keep_weights):
-            y = fused_attention(*(t.astype(self.dtype) for t in (q, k, v)))
+        path = attention_path(self.attention, self.dtype, head_dim)
+        if path != "einsum" and not (use_dropout or keep_weights):
+            y = fused_attention(
+                *(t.astype(self.dtype) for t in (q, k, v)),
+                cudnn=path == "cudnn",
+                required=self.attention == "cudnn",
+            )
             out_axes = (-2, -1)  # (N, L, heads, head_dim)
         else:
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
@@ -342,6 +382,7 @@ class Encoder1DBlock(nn.Module):
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(
@@ -352,6 +393,7 @@ class Encoder1DBlock(nn.Module):
             num_heads=self.num_heads,
             dropout_rate=self.attention_dropout_rate,
             dtype=self.dtype,
+            attention=self.attention,
             name="MultiHeadDotProductAttention_1",
         )(x, deterministic=deterministic, rng=_fold(rng, 0))
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic, rng=_fold(rng, 1))
@@ -385,6 +427,7 @@ class Encoder(nn.Module):
     attention_dropout_rate: float = 0.0
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -397,6 +440,7 @@ class Encoder(nn.Module):
             dropout_rate=self.dropout_rate,
             attention_dropout_rate=self.attention_dropout_rate,
             dtype=self.dtype,
+            attention=self.attention,
         )
         scanned = (
             self.remat
@@ -440,7 +484,8 @@ class VisionTransformer(nn.Module):
     head is left out and the (pre-)logits features are returned.
 
     Attributes mirror the reference's model configs; see `vit_jax.variants.VARIANTS` for the
-    published sizes and `get_model` to build one by name.
+    published sizes and `get_model` to build one by name. `dtype`, `remat` and `attention` (the
+    attention kernel, `attention_path`) change how it computes, not its parameters.
     """
 
     num_classes: int | None
@@ -458,11 +503,16 @@ class VisionTransformer(nn.Module):
     head_bias_init: float = 0.0
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.classifier not in CLASSIFIERS:
             raise ValueError(
                 f"unknown classifier={self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}"
+            )
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"unknown attention={self.attention!r}; expected one of {', '.join(ATTENTION)}"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(
@@ -523,6 +573,7 @@ class VisionTransformer(nn.Module):
             attention_dropout_rate=self.attention_dropout_rate,
             dtype=self.dtype,
             remat=self.remat,
+            attention=self.attention,
             name="Transformer",
         )(x, train=train)
 

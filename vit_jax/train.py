@@ -84,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Compute dtype: 'float32', 'bfloat16', or 'auto': bfloat16 on TPUs and NVIDIA GPUs from the
     # A100 on, float32 elsewhere (models.default_compute_dtype); config.json records the one used.
     c.dtype = "auto"
+    # Attention kernel: 'auto' (cuDNN flash attention on NVIDIA GPUs from the A100 on in bfloat16,
+    # XLA's fused attention on other GPUs and TPUs, einsums on CPU), 'cudnn', 'xla' or 'einsum'.
+    c.attention = "auto"
     # Memory levers; each gives the same numbers up to float rounding (XLA may sum in another order).
     c.remat = False  # recompute encoder blocks in the backward pass, one at a time
     c.shard_params = False  # FSDP: split params and optimizer state over the devices
@@ -189,6 +192,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(
         config.dtype in ("auto", "float32", "bfloat16"),
         f"dtype={config.dtype!r}: use auto, float32 or bfloat16",
+    )
+    require(
+        config.attention in models.ATTENTION,
+        f"attention={config.attention!r}: use {', '.join(models.ATTENTION)}",
     )
     require(
         config.momentum_dtype in ("float32", "bfloat16"),
@@ -841,10 +848,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             config.model,
             num_classes=info.num_classes,
             dtype=jnp.dtype(config.dtype),
-            **{"remat": config.remat, **overrides},
+            **{"remat": config.remat, "attention": config.attention, **overrides},
         )
         hw = models.image_hw(config.image_size)
         grid = model.grid_size(hw)
+        attention = models.attention_path(
+            model.attention, model.dtype, model.hidden_size // model.num_heads
+        )
     except ValueError as e:
         raise TrainingError(str(e)) from None
     resuming = bool(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")))
@@ -955,7 +965,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log(
         f"{model_name} ({models.count_params(model, hw):,} params) on {info.name} "
         f"({info.num_classes} classes) at {hw[0]}x{hw[1]}, {num_devices} {devices[0].platform} "
-        f"device(s) in {config.dtype}, batch {config.batch} ({micro} micro-batches), steps "
+        f"device(s) in {config.dtype} ({attention} attention), batch {config.batch} ({micro} "
+        f"micro-batches), steps "
         f"{start}->{config.total_steps}, run directory {workdir}"
     )
     for note in input_pipeline.data_notes(info, "train") + input_pipeline.data_notes(info, "test"):
@@ -1145,6 +1156,7 @@ _PLAIN_FLAGS = [
     "tfds_data_dir",
     "tfds_manual_dir",
     "dtype",
+    "attention",
     "seed",
     "keep_best",
     "early_stop_patience",
@@ -1258,6 +1270,14 @@ def _define_flags():
         ["auto", "float32", "bfloat16"],
         f"Compute dtype of the matrix products (default {d.dtype}: bfloat16 on TPUs and NVIDIA "
         "GPUs from the A100 on, float32 elsewhere).",
+    )
+    f.DEFINE_enum(
+        "attention",
+        None,
+        list(models.ATTENTION),
+        f"Attention kernel (default {d.attention}: cuDNN flash attention on NVIDIA GPUs from the "
+        "A100 on in bfloat16, jax.nn.dot_product_attention in XLA's form on other GPUs and TPUs, "
+        "two einsums on CPU). 'xla' is the way around a cuDNN that fails here.",
     )
     f.DEFINE_integer(
         "seed", None, f"Random seed for init, data order, augmentation, dropout (default {d.seed})."
@@ -1373,6 +1393,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(args) > 1:
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         workdir = None
+        config = default_config()
         try:
             parallel.initialize(
                 flags_obj.coordinator_address, flags_obj.num_processes, flags_obj.process_id
@@ -1395,6 +1416,17 @@ def main(argv: list[str] | None = None) -> None:
         ) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except jax.errors.JaxRuntimeError as e:
+            if "cudnn" not in str(e).lower() or config.attention in ("xla", "einsum"):
+                raise
+            # cuDNN's flash attention (the default on A100 and newer GPUs) is compiled by XLA
+            # when the step is first run; a cuDNN that cannot build it fails only then.
+            print(
+                f"error: a cuDNN call failed ({first_line(e)[:300]}). If it is the attention, "
+                "rerun with --attention xla (a run with checkpoints resumes from the latest)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
         except KeyboardInterrupt:  # Ctrl-C: where the run stands, not a traceback
             exit_interrupted(f"\n{_interrupted(workdir)}")
 
@@ -1419,6 +1451,7 @@ _OVERRIDE_FLAG = "--config.model_overrides."
 _OWN_SETTING = {
     "num_classes": "the dataset sets it",
     "dtype": "use --dtype",
+    "attention": "use --attention",
     "remat": "use --remat",
     "parent": "not a model option",
     "name": "not a model option",
