@@ -650,6 +650,26 @@ def test_preprocessing_ranges_and_grayscale_to_rgb():
     assert sum(int(b["mask"].sum()) for b in evals) == 360 and evals[-1]["mask"][60:].sum() == 0
 
 
+def test_pipelines_run_without_the_autotuner_whose_thread_delays_their_deletion(monkeypatch):
+    # Deleting an iterator waits for tf.data's model-autotuning thread, which wakes at most every
+    # 60 s: the end of a run, or of an evaluation, waited up to a minute for it.
+    tf = input_pipeline._tf()
+    seen = []
+    real = tf.data.Dataset.as_numpy_iterator
+
+    def recording(ds):
+        seen.append(ds.options().autotune.enabled)
+        return real(ds)
+
+    monkeypatch.setattr(tf.data.Dataset, "as_numpy_iterator", recording)
+    config = tiny_config()
+    info = input_pipeline.get_info(config)
+    assert next(input_pipeline.train_batches(config, info, 8))["image"].shape == (8, 8, 8, 3)
+    assert sum(len(b["label"]) for b in input_pipeline.eval_batches(config, info, 100)) == 400
+    assert seen == [False, False]
+    assert input_pipeline.parallel_calls() == len(os.sched_getaffinity(0))
+
+
 def test_data_order_resumes_exactly():
     config = tiny_config()
     info = input_pipeline.get_info(config)

@@ -274,9 +274,9 @@ def _input_throughput(image_size: int, batch: int, steps: int) -> dict[str, Any]
     ds = tf.data.Dataset.from_tensor_slices(images).repeat().enumerate()
     ds = ds.map(
         lambda i, im: input_pipeline.preprocess_train(im, i, config, encoded=False),
-        num_parallel_calls=tf.data.AUTOTUNE,
+        num_parallel_calls=input_pipeline.parallel_calls(),
     )
-    it = ds.batch(batch).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    it = input_pipeline.numpy_iterator(ds.batch(batch).prefetch(tf.data.AUTOTUNE))
     next(it)
     n = max(steps, 20)
     t0 = time.perf_counter()
