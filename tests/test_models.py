@@ -238,6 +238,11 @@ def test_the_attention_setting_picks_the_kernel(monkeypatch):
         path("flash", jnp.float32, 64)
     with pytest.raises(ValueError, match=r"^unknown attention='flash'; expected one of auto, "):
         models.get_model("testing", attention="flash")
+    model = models.get_model("ViT-B_16", dtype=jnp.bfloat16)  # head dim 64; built, not initialised
+    assert (
+        model.attention_path() == "einsum"
+        and model.clone(attention="xla").attention_path() == "xla"
+    )
     gpu = types.SimpleNamespace(platform="gpu", compute_capability="9.0", device_kind="H100")
     monkeypatch.setattr(jax, "local_devices", lambda *a, **k: [gpu])
     monkeypatch.setattr(models, "use_fused_attention", lambda: True)
@@ -246,6 +251,7 @@ def test_the_attention_setting_picks_the_kernel(monkeypatch):
     assert path("xla", jnp.bfloat16, 64) == "xla" and path("einsum", jnp.bfloat16, 64) == "einsum"
     with pytest.raises(ValueError, match=r"this is H100 with float32 compute and head dim 64: use"):
         path("cudnn", jnp.float32, 64)
+    assert model.attention_path() == "cudnn"
 
 
 def test_default_compute_dtype_is_bfloat16_where_matrix_units_run_it(monkeypatch):

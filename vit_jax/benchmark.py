@@ -163,7 +163,7 @@ def run(
         model_name, num_classes=num_classes, dtype=jnp.dtype(dtype), remat=remat,
         attention=attention,
     )  # fmt: skip
-    path = models.attention_path(attention, model.dtype, model.hidden_size // model.num_heads)
+    path = model.attention_path()
     mesh = parallel.data_mesh()
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())

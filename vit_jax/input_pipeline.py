@@ -83,9 +83,9 @@ def numpy_iterator(ds: Any) -> Iterator:
     Deleting an iterator (at the end of a run, of an evaluation, of a folder scan) waits for the
     thread that the autotuner runs at intervals growing to 60 s: in 3 of 6 timed digits demos
     the run's end waited 20-51 s in `RootDataset::Iterator`'s destructor for it (a native
-    stack), on a loaded CPU. The maps run `parallel_calls()` threads instead of an autotuned number (input at
-    384 px on 2 cores: 602-607 img/s against 619-650 autotuned), and `prefetch(AUTOTUNE)` still
-    sizes its buffer by itself.
+    stack), on a loaded CPU. The maps run `parallel_calls()` threads instead of an autotuned
+    number (input at 384 px on 2 cores: 602-607 img/s against 619-650 autotuned), and
+    `prefetch(AUTOTUNE)` still sizes its buffer by itself.
     """
     tf = _tf()
     options = tf.data.Options()

@@ -542,6 +542,11 @@ class VisionTransformer(nn.Module):
             )
         return h // sh, w // sw
 
+    def attention_path(self) -> str:
+        """The attention kernel its blocks run ("cudnn", "xla" or "einsum"; `attention_path`);
+        ValueError for `attention="cudnn"` where cuDNN's flash attention cannot run."""
+        return attention_path(self.attention, self.dtype, self.hidden_size // self.num_heads)
+
     def num_tokens(self, image_size: int | Sequence[int]) -> int:
         """Sequence length the encoder sees at `image_size`: patches (+1 for the class token)."""
         gh, gw = self.grid_size(image_size)

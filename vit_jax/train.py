@@ -852,9 +852,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
         hw = models.image_hw(config.image_size)
         grid = model.grid_size(hw)
-        attention = models.attention_path(
-            model.attention, model.dtype, model.hidden_size // model.num_heads
-        )
+        attention = model.attention_path()
     except ValueError as e:
         raise TrainingError(str(e)) from None
     resuming = bool(checkpoint.saved_steps(os.path.join(workdir, "checkpoints")))
