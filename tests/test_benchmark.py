@@ -148,3 +148,17 @@ def test_peak_of_fake_devices_is_measured_at_once():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == "4" and 0 < float(out[1]) < 2
+
+
+def test_model_modes_run_without_tensorflow():
+    # .ci/gpu-figures runs on GPU machines whose Python has jax, flax and optax but no TensorFlow.
+    code = (
+        "import sys\n"
+        "for m in ('tensorflow', 'tensorflow_datasets', 'sklearn', 'PIL'): sys.modules[m] = None\n"
+        "from vit_jax import benchmark\n"
+        "benchmark.main(['--model', 'testing', '--image_size', '32', '--batch', '2',\n"
+        "                '--steps', '1', '--mode', 'train', '--json'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert r["mode"] == "train" and r["img_s"] > 0 and r["gflops_per_image"] > 0
