@@ -339,6 +339,37 @@ def test_bfloat16_dot_gradients_match_float32(dims, lhs_shape, rhs_shape):
         )
 
 
+@pytest.mark.parametrize(
+    "dims,lhs_shape,rhs_shape",
+    [
+        ((((2,), (0,)), ((), ())), (2, 5, 6), (6, 7)),  # Dense
+        ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
+        ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
+    ],
+)
+def test_float32_backward_products_need_no_transpose(dims, lhs_shape, rhs_shape):
+    # The attention's float32 products: lax.dot_general's gradients, with no transpose after a
+    # product (JAX's own rule transposes dV, and a Dense layer's kernel gradient, after multiplying).
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs, rhs = jax.random.normal(keys[0], lhs_shape), jax.random.normal(keys[1], rhs_shape)
+    g = jax.random.normal(keys[2], jax.lax.dot_general(lhs, rhs, dims).shape)
+    _, vjp = jax.vjp(lambda a, b: models.mixed_dot_general(a, b, dims), lhs, rhs)
+    _, vjp_lax = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), lhs, rhs)
+    for ours, ref in zip(vjp(g), vjp_lax(g), strict=True):
+        assert ours.dtype == jnp.float32
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    primitives = {e.primitive.name for e in jax.make_jaxpr(vjp)(g).jaxpr.eqns}
+    assert "dot_general" in primitives and "transpose" not in primitives
+    jax_rule = {e.primitive.name for e in jax.make_jaxpr(vjp_lax)(g).jaxpr.eqns}
+    assert ("transpose" in jax_rule) == (dims[0] != ((3,), (3,)))  # all but q k^T transpose
+    # ... and the float32 attention takes it for both of its products.
+    attn = models.MultiHeadDotProductAttention(num_heads=2, attention="einsum")
+    x = jax.random.normal(keys[0], (1, 5, 8))
+    variables = attn.init(keys[1], x, deterministic=True)
+    jaxpr = jax.make_jaxpr(lambda v: attn.apply(v, x, deterministic=True))(variables)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 2
+
+
 def _dot_operand_dtypes(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[str, str]]:
     """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
     found = []

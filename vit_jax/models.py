@@ -80,7 +80,9 @@ def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple) 
     """`lax.dot_general` of two low-precision operands with a float32 result, whose backward pass
     rounds the cotangent to the operands' dtype (the cotangent of a bfloat16 activation, as on TPU)
     and computes both transposed products the same way: low-precision operands, float32 result, then
-    cast to each operand's dtype. `dimension_numbers` as for `lax.dot_general`, as nested tuples."""
+    cast to each operand's dtype. `dimension_numbers` as for `lax.dot_general`, as nested tuples.
+    With float32 operands it is a float32 product whose backward products need no transposes after
+    them (JAX's own rule for `lax.dot_general` transposes dV); the attention uses it for that."""
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
 
 
@@ -93,6 +95,7 @@ def _mixed_dot_bwd(dimension_numbers: tuple, residuals: tuple, g: jax.Array):
     ls, rs, out = _einsum_subscripts(lhs.ndim, rhs.ndim, dimension_numbers)
     g = g.astype(lhs.dtype)
     f32 = jnp.float32
+    # jnp.einsum orders each product's operands so that it needs no transpose afterwards.
     d_lhs = jnp.einsum(f"{out},{rs}->{ls}", g, rhs, preferred_element_type=f32)
     d_rhs = jnp.einsum(f"{out},{ls}->{rs}", g, lhs, preferred_element_type=f32)
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
@@ -340,7 +343,8 @@ class MultiHeadDotProductAttention(nn.Module):
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
             q = q / np.sqrt(head_dim).astype(q.dtype)
             q, k, v = (jnp.swapaxes(t, -3, -2).astype(self.dtype) for t in (q, k, v))
-            dot = dot_general(self.dtype)
+            # In float32 too: its backward products need no transposes after them (see its docstring).
+            dot = mixed_dot_general
             batch = tuple(range(q.ndim - 2))  # (N, heads)
             logits = dot(q, k, (((q.ndim - 1,), (q.ndim - 1,)), (batch, batch)))  # qd,kd->qk
             pv = (((q.ndim - 1,), (q.ndim - 2,)), (batch, batch))  # qk,kd->qd
