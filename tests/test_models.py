@@ -362,10 +362,12 @@ def test_float32_backward_products_need_no_transpose(dims, lhs_shape, rhs_shape)
     assert "dot_general" in primitives and "transpose" not in primitives
     jax_rule = {e.primitive.name for e in jax.make_jaxpr(vjp_lax)(g).jaxpr.eqns}
     assert ("transpose" in jax_rule) == (dims[0] != ((3,), (3,)))  # all but q k^T transpose
-    # ... and the float32 attention takes it for both of its products.
+
+
+def test_float32_attention_takes_mixed_dot_general_for_both_products():
     attn = models.MultiHeadDotProductAttention(num_heads=2, attention="einsum")
-    x = jax.random.normal(keys[0], (1, 5, 8))
-    variables = attn.init(keys[1], x, deterministic=True)
+    x = jax.random.normal(jax.random.key(0), (1, 5, 8))
+    variables = attn.init(jax.random.key(1), x, deterministic=True)
     jaxpr = jax.make_jaxpr(lambda v: attn.apply(v, x, deterministic=True))(variables)
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 2
 
