@@ -1,12 +1,13 @@
 # The README's commands. Each one creates its own virtual environment and installs from nothing.
 #   make demo   - the main job: fine-tune a ViT offline on the embedded digits dataset
 #   make test   - lint + format check + the test suite
+#   make test-oldest - the test suite on the lowest versions pyproject.toml allows
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-oldest lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +29,18 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q -n 2
 
+# The lowest version of every direct dependency that pyproject.toml allows (uv's lowest-direct
+# resolution), in a venv of its own: what a user whose environment holds older packages may get.
+OLDEST := .venv-oldest
+UV := $(VENV)/bin/uv
+test-oldest: $(STAMP)
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(UV) pip compile --quiet --resolution lowest-direct --python $(OLDEST)/bin/python \
+		--extra test pyproject.toml -o $(OLDEST)/requirements.txt
+	$(UV) pip install --quiet --python $(OLDEST)/bin/python -r $(OLDEST)/requirements.txt
+	$(UV) pip install --quiet --python $(OLDEST)/bin/python --no-deps -e .
+	$(OLDEST)/bin/python -m pytest -q -n 2
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .ruff_cache
