@@ -310,15 +310,16 @@ def test_bfloat16_matmuls_accumulate_in_float32():
     assert models.dot_general(jnp.float32) is jax.lax.dot_general
 
 
-@pytest.mark.parametrize(
-    "dims,lhs_shape,rhs_shape",
-    [
-        ((((2,), (0,)), ((), ())), (2, 5, 6), (6, 7)),  # Dense
-        ((((2, 3), (0, 1)), ((), ())), (2, 5, 3, 4), (3, 4, 6)),  # attention "out" DenseGeneral
-        ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
-        ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
-    ],
-)
+# (dimension_numbers, lhs shape, rhs shape) of the model's products.
+DOT_PRODUCTS = [
+    ((((2,), (0,)), ((), ())), (2, 5, 6), (6, 7)),  # Dense
+    ((((2, 3), (0, 1)), ((), ())), (2, 5, 3, 4), (3, 4, 6)),  # attention "out" DenseGeneral
+    ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
+    ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
+]
+
+
+@pytest.mark.parametrize("dims,lhs_shape,rhs_shape", DOT_PRODUCTS)
 def test_bfloat16_dot_gradients_match_float32(dims, lhs_shape, rhs_shape):
     keys = jax.random.split(jax.random.key(0), 3)
     lhs = jax.random.normal(keys[0], lhs_shape).astype(jnp.bfloat16)
@@ -339,17 +340,10 @@ def test_bfloat16_dot_gradients_match_float32(dims, lhs_shape, rhs_shape):
         )
 
 
-@pytest.mark.parametrize(
-    "dims,lhs_shape,rhs_shape",
-    [
-        ((((2,), (0,)), ((), ())), (2, 5, 6), (6, 7)),  # Dense
-        ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
-        ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
-    ],
-)
+@pytest.mark.parametrize("dims,lhs_shape,rhs_shape", DOT_PRODUCTS)
 def test_float32_backward_products_need_no_transpose(dims, lhs_shape, rhs_shape):
-    # The attention's float32 products: lax.dot_general's gradients, with no transpose after a
-    # product (JAX's own rule transposes dV, and a Dense layer's kernel gradient, after multiplying).
+    # mixed_dot_general in float32 (the attention's products): lax.dot_general's gradients, with no
+    # transpose after a product (JAX's own rule transposes dV, and a kernel gradient, after one).
     keys = jax.random.split(jax.random.key(0), 3)
     lhs, rhs = jax.random.normal(keys[0], lhs_shape), jax.random.normal(keys[1], rhs_shape)
     g = jax.random.normal(keys[2], jax.lax.dot_general(lhs, rhs, dims).shape)
