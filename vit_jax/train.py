@@ -326,7 +326,7 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
             "params": optax.apply_updates(params, updates),
             "opt_state": opt_state,
         }
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     if state_sharding is None:
         return jax.jit(step_fn, donate_argnums=(0,))
