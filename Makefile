@@ -26,8 +26,9 @@ lint: $(STAMP)
 
 # Two pytest workers: most tests spend their time in one-core work (compiling, starting a
 # subprocess that imports TensorFlow), so two of them side by side fill a 2-core machine.
+PYTEST := -m pytest -q -n 2
 test: lint
-	$(PY) -m pytest -q -n 2
+	$(PY) $(PYTEST)
 
 # The lowest version of every direct dependency that pyproject.toml allows (uv's lowest-direct
 # resolution), in a venv of its own: what a user whose environment holds older packages may get.
@@ -40,7 +41,7 @@ test-oldest: $(STAMP)
 		--extra test pyproject.toml -o $(OLDEST)/requirements.txt
 	$(UV) pip install --quiet --python $(OLDEST)/bin/python -r $(OLDEST)/requirements.txt
 	$(UV) pip install --quiet --python $(OLDEST)/bin/python --no-deps -e .
-	$(OLDEST)/bin/python -m pytest -q -n 2
+	$(OLDEST)/bin/python $(PYTEST)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .ruff_cache
