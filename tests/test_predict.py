@@ -40,8 +40,10 @@ def test_json_top1_is_the_preferred_class_and_bad_files_are_reported(tmp_path, c
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\nbird\n")
     images = _images(tmp_path / "images", n=5)
-    predict.main([str(images), "--checkpoint", str(ckpt), "--labels", str(labels), "--top_k", "2",
-                  "--batch", "2", "--json"])  # fmt: skip
+    with pytest.raises(SystemExit) as e:  # every readable image is printed, then status 1
+        predict.main([str(images), "--checkpoint", str(ckpt), "--labels", str(labels),
+                      "--top_k", "2", "--batch", "2", "--json"])  # fmt: skip
+    assert e.value.code == 1
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert [r["file"].rsplit("/", 1)[1] for r in out["results"]] == [
@@ -53,6 +55,30 @@ def test_json_top1_is_the_preferred_class_and_bad_files_are_reported(tmp_path, c
         assert r["predictions"][0]["probability"] == pytest.approx(expected, rel=1e-5)
     assert [e["file"].rsplit("/", 1)[1] for e in out["errors"]] == ["broken.jpg"]
     assert "could not read" in captured.err and "broken.jpg" in captured.err
+
+
+def test_folders_without_images(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "m.npz")
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    # Nothing to predict: a usage error, before the checkpoint is even looked at.
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(empty), "--checkpoint", str(tmp_path / "missing.npz")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no image files (.jpg .jpeg .png") and str(empty) in err
+    assert err.count("\n") == 1
+    # An empty folder beside images: the images are predicted, the folder reported, status 1.
+    images = _images(tmp_path / "images", n=2, corrupt=False)
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(empty), str(images), "--checkpoint", str(ckpt), "--json"])
+    assert e.value.code == 1
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert len(out["results"]) == 2
+    assert [x["file"] for x in out["errors"]] == [str(empty)]
+    assert f"could not read {empty}: no image files" in captured.err
 
 
 def test_text_output_and_image_size(tmp_path, capsys):
@@ -155,7 +181,9 @@ def test_imagenet_labels_ship_with_the_package():
 )
 def test_bad_numbers_are_usage_errors(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit) as e:
-        predict.main([str(tmp_path), "--checkpoint", str(tmp_path / "m.npz"), option, value])
+        predict.main(
+            [str(tmp_path / "cat.jpg"), "--checkpoint", str(tmp_path / "m.npz"), option, value]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.rstrip().splitlines()[-1].endswith(f"error: {message}") and "Traceback" not in err
@@ -164,7 +192,7 @@ def test_bad_numbers_are_usage_errors(tmp_path, capsys, option, value, message):
 def test_run_directory_without_model_or_checkpoints_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
-        predict.main([str(tmp_path), "--workdir", str(tmp_path / "run")])
+        predict.main([str(tmp_path / "cat.jpg"), "--workdir", str(tmp_path / "run")])
     assert e.value.code == 2
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'run'} has no model.npz (a run writes it when it ends, unless "
@@ -176,7 +204,13 @@ def test_run_directory_without_model_or_checkpoints_is_a_clear_error(tmp_path, c
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         predict.main(
-            [str(tmp_path), "--model", "ViT-B_16", "--checkpoint", str(tmp_path / "ViT-B_16.npz")]
+            [
+                str(tmp_path / "cat.jpg"),
+                "--model",
+                "ViT-B_16",
+                "--checkpoint",
+                str(tmp_path / "ViT-B_16.npz"),
+            ]
         )
     assert e.value.code == 2
     assert "gs://vit_models" in capsys.readouterr().err

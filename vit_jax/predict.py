@@ -4,8 +4,10 @@
     python -m vit_jax.predict --workdir runs/my-run --top_k 3 --json test_images/
 
 The resolution comes from the checkpoint's position embeddings unless --image_size is given. Images are
-processed in fixed-size batches (one compilation for any number of files); unreadable files are
-reported by name on stderr and the rest are still predicted.
+processed in fixed-size batches (one compilation for any number of files); unreadable files and
+folders without images are reported by name on stderr and the rest are still predicted. Exit status:
+0 when every image was predicted, 1 when some could not be read, 2 for a usage error or when there is
+no image at all.
 """
 
 from __future__ import annotations
@@ -251,14 +253,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    files, empty = [], []
+    for path in args.images:  # checked before the model loads (it may be a download)
+        found = find_images([path])
+        if not found and os.path.isdir(path):
+            empty.append((path, f"no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder"))
+        files += found
+    if not files:
+        print(
+            f"error: no image files ({' '.join(IMAGE_EXTENSIONS)}) in {' '.join(args.images)}; "
+            "give image files or folders that hold some",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     model, params = load_model_from_args(parser, args)
     try:
         labels = read_labels(args.labels, model.num_classes, labels_run(args))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    files = find_images(args.images)
     results, errors = predict(model, params, files, labels, args.top_k, args.batch)
+    errors = empty + errors
     for name, error in errors:
         print(f"could not read {name}: {error}", file=sys.stderr)
     if args.json:
@@ -269,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for r in results:
             top = ", ".join(f"{p['label']} {p['probability']:.3f}" for p in r["predictions"])
             print(f"{r['file']}: {top}")
-    if errors and not results:
+    if errors:
         sys.exit(1)
 
 
