@@ -22,6 +22,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 COMMANDS: dict[str, tuple[str, str]] = {
     "vit-train": ("vit_jax.train", "fine-tune or train on TFDS, an image folder or the digits"),
     "vit-predict": ("vit_jax.predict", "top-k labels for images"),
+    "vit-evaluate": ("vit_jax.evaluate", "test accuracy of a checkpoint on a labelled dataset"),
     "vit-visualize": (
         "vit_jax.visualize",
         "attention rollout maps; `figures`: the paper's figures",

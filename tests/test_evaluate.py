@@ -1,0 +1,106 @@
+"""vit_jax.evaluate: a checkpoint's test accuracy on a labelled dataset, with its own head."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from tests.test_train import tiny_config
+from vit_jax import checkpoint, evaluate, models, train
+
+
+def _evaluate(capsys, *args):
+    evaluate.main([*args, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def _checkpoint(path, size):
+    """A 10-class `testing` ViT for `size` px images, saved in the published layout."""
+    model = models.get_model("testing", num_classes=10)
+    params = model.init(jax.random.key(0), np.zeros((1, size, size, 3)), train=False)["params"]
+    return checkpoint.save(params, str(path))
+
+
+def _folder(root, classes):
+    for split in ("train", "test"):
+        for i, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            level = 20 * i + (split == "test")  # test images are not copies of training ones
+            Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(root / split / name / "0.png")
+    return root
+
+
+def test_a_run_is_scored_as_it_scored_itself(tmp_path, capsys):
+    run = tmp_path / "run"
+    result = train.train_and_evaluate(tiny_config("digits"), str(run))
+    capsys.readouterr()
+    # The run directory alone: its model.npz, dataset (config.json) and class names (labels.txt).
+    out = _evaluate(capsys, "--workdir", str(run), "--batch", "24")
+    assert out["dataset"] == "digits" and out["class_names"] == [str(i) for i in range(10)]
+    assert out["num_examples"] == result["num_examples"] == 360
+    assert out["accuracy"] == result["accuracy"]
+    assert out["confusion_matrix"] == result["confusion_matrix"]
+    assert out["test_loss"] == pytest.approx(result["test_loss"], rel=1e-5)
+    # The exported file with the dataset named: the same figures.
+    out = _evaluate(capsys, "--checkpoint", str(run / "model.npz"), "--dataset", "digits")
+    assert out["accuracy"] == result["accuracy"] and out["num_examples"] == 360
+    # Text: the table a training run ends with.
+    evaluate.main(["--workdir", str(run)])
+    text = capsys.readouterr().out
+    assert text == train.format_report(result, [str(i) for i in range(10)]) + "\n"
+
+
+def test_mock_tfds_split_is_counted_once_per_example(tmp_path, capsys):
+    path = _checkpoint(tmp_path / "m.npz", 32)
+    with tfds.testing.mock_data(num_examples=37):
+        out = _evaluate(capsys, "--checkpoint", str(path), "--dataset", "cifar10", "--batch", "16")
+    assert out["num_examples"] == 37 and sum(out["support"]) == 37  # 16 + 16 + 5, none dropped
+    assert np.sum(out["confusion_matrix"]) == 37
+
+
+def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "labels.txt").write_text("".join(f"{c}\n" for c in "abcdefghij"))
+    _checkpoint(run / "model.npz", 16)
+
+    def error(*args):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(list(args))
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
+
+    # Another number of classes: refused before the folder's images are decoded or TFDS downloads.
+    two = _folder(tmp_path / "two", ["cat", "dog"])
+    assert error("--workdir", str(run), "--dataset", str(two)) == (
+        "error: the checkpoint's head has 10 classes and two has 2: evaluate a checkpoint "
+        "fine-tuned on this dataset (an ImageNet-21k one has 21843 classes, a published ImageNet "
+        "one 1000, for imagenet2012)"
+    )
+    assert error("--workdir", str(run), "--dataset", "cifar100").startswith(
+        "error: the checkpoint's head has 10 classes and cifar100 has 100"
+    )
+    # As many classes, but others: the run's labels.txt against the folder's (sorted) classes.
+    other_names = _folder(tmp_path / "ten", list("abcdefghik"))
+    assert error("--workdir", str(run), "--dataset", str(other_names)) == (
+        "error: the run's classes are not ten's, in the same order (1 of 10 names differ, e.g. class 9: "
+        "'j' in the run, 'k' in the dataset); its predictions would be scored against the wrong "
+        "labels"
+    )
+    same = _folder(tmp_path / "same", list("abcdefghij"))
+    out = _evaluate(capsys, "--workdir", str(run), "--dataset", str(same))
+    assert out["num_examples"] == 10 and out["class_names"] == list("abcdefghij")
+    assert error("--workdir", str(run), "--test_fraction", "1").endswith(
+        "error: argument --test_fraction: 1.0 is not in [0, 1)"
+    )
+    # A file outside a run brings no dataset.
+    other = tmp_path / "m.npz"
+    other.write_bytes((run / "model.npz").read_bytes())
+    assert error("--checkpoint", str(other)).endswith(
+        "error: give --dataset (a run directory's checkpoint brings its own)"
+    )

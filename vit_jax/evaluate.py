@@ -1,0 +1,197 @@
+"""Test accuracy of a checkpoint on a labelled dataset: a published classifier or a fine-tuned run.
+
+    python -m vit_jax.evaluate --checkpoint ViT-B_16_imagenet2012.npz --dataset imagenet2012
+    python -m vit_jax.evaluate --workdir runs/my-run                # the run's own test split
+    python -m vit_jax.evaluate --workdir runs/my-run --dataset ~/more_photos --json
+
+The checkpoint keeps its head, so its classes must be the dataset's, in the dataset's order: a run's
+class names (labels.txt) are checked against the dataset's. A run's dataset and data settings come from
+its config.json unless given. Images are preprocessed as training evaluates them (resized to the
+checkpoint's resolution, or --image_size), every test example counted once. Prints the accuracy, loss,
+per-class precision/recall/F1 and (up to 20 classes) the confusion matrix, as a training run ends;
+--json prints every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from vit_jax.commands import interruptible, positive_int, prog, user_path
+
+# The training settings that say which examples are read and how (a run's config.json has them).
+DATA_FIELDS = (
+    "dataset",
+    "tfds_data_dir",
+    "tfds_manual_dir",
+    "label_key",
+    "train_split",
+    "test_split",
+    "test_fraction",
+    "skip_bad_images",
+)
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+class EvaluationError(ValueError):
+    """A checkpoint and dataset that do not go together; the message says how to fix it."""
+
+
+def data_config(
+    run: str | None = None, image_size: tuple[int, int] = (384, 384), **given: Any
+) -> Any:
+    """The training config that `input_pipeline` reads for evaluation: `train.default_config()`,
+    then the data settings of the run directory `run` (its config.json), then `given` (None values
+    are left out), at `image_size` (H, W)."""
+    import ml_collections
+
+    from vit_jax import train
+
+    fields = train.default_config().to_dict()
+    recorded = os.path.join(run, "config.json") if run else None
+    if recorded and os.path.exists(recorded):
+        with open(recorded) as f:
+            settings = json.load(f)
+        fields.update({k: settings[k] for k in DATA_FIELDS if k in settings})
+    fields.update({k: v for k, v in given.items() if v is not None})
+    fields["image_size"] = tuple(image_size)
+    return ml_collections.ConfigDict(fields)
+
+
+def check_classes(
+    num_classes: int | None, run_labels: list[str] | None, dataset_classes: list[str], dataset: str
+) -> None:
+    """Raises EvaluationError unless the checkpoint's head (`num_classes` outputs; `run_labels`, a
+    run's class names) predicts the dataset's classes in the dataset's order."""
+    if num_classes is None:
+        raise EvaluationError("the checkpoint has no classification head (num_classes=None)")
+    n = len(dataset_classes)
+    if num_classes != n:
+        raise EvaluationError(
+            f"the checkpoint's head has {num_classes} classes and {dataset} has {n}: evaluate a "
+            "checkpoint fine-tuned on this dataset (an ImageNet-21k one has 21843 classes, a "
+            "published ImageNet one 1000, for imagenet2012)"
+        )
+    if run_labels is not None and run_labels != dataset_classes:
+        differ = [
+            f"{i}: {a!r} in the run, {b!r} in the dataset"
+            for i, (a, b) in enumerate(zip(run_labels, dataset_classes, strict=True))
+            if a != b
+        ]
+        raise EvaluationError(
+            f"the run's classes are not {dataset}'s, in the same order ({len(differ)} of {n} "
+            f"names differ, e.g. class {differ[0]}); its predictions would be scored against the "
+            "wrong labels"
+        )
+
+
+def evaluate_checkpoint(
+    model: Any, params: Any, config: Any, batch: int = 64, run_labels: list[str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """Evaluates `params` on the test split that `config` (see `data_config`) names.
+
+    Returns (metrics, class names): the metrics of `train.evaluate` (accuracy, test_loss,
+    num_examples, per-class precision/recall/f1/support, confusion_matrix). `batch` images per step,
+    divided over every device; `run_labels` are checked against the dataset's class names.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from vit_jax import input_pipeline, parallel, train
+
+    n_dev = jax.device_count()
+    if batch % n_dev:
+        raise EvaluationError(f"--batch {batch} does not divide over {n_dev} devices")
+    # The number of classes is known before a TFDS download (class names may not be): a checkpoint
+    # that cannot fit is refused before fetching anything.
+    known = input_pipeline.get_info(config)
+    check_classes(model.num_classes, None, known.class_names, known.name)
+    info = input_pipeline.get_info(config, download=True)
+    check_classes(model.num_classes, run_labels, info.class_names, info.name)
+    mesh = parallel.data_mesh()
+    params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated
+    eval_step = train.make_eval_step(model, config.cpu_block_tokens)
+    batches = input_pipeline.eval_batches(config, info, batch)
+    metrics = train.evaluate(
+        eval_step, params, batches, NamedSharding(mesh, P("data")), info.num_classes
+    )
+    return metrics, info.class_names
+
+
+@interruptible
+def main(argv: Sequence[str] | None = None) -> None:
+    from vit_jax import predict
+
+    parser = argparse.ArgumentParser(
+        prog=prog("vit_jax.evaluate"), description=__doc__.split("\n\n")[0]
+    )
+    predict.add_model_arguments(parser)
+    parser.add_argument(
+        "--dataset",
+        type=user_path,
+        help="a TFDS name, an image folder or 'digits', as for vit_jax.train (default: the run's)",
+    )
+    parser.add_argument(
+        "--split", help="the split to evaluate (default: the dataset's test split, or the run's)"
+    )
+    parser.add_argument("--tfds_data_dir", type=user_path, help="as for vit_jax.train")
+    parser.add_argument("--tfds_manual_dir", type=user_path, help="as for vit_jax.train")
+    parser.add_argument("--label_key", help="the TFDS feature to score against (default: label)")
+    parser.add_argument(
+        "--test_fraction",
+        type=fraction,
+        help="an image folder without test/: the share of each class held out as in training",
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=64, help="images per step over all devices (64)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    run = predict.labels_run(args)
+    if args.dataset is None and run is None:
+        parser.error("give --dataset (a run directory's checkpoint brings its own)")
+    model, params = predict.load_model_from_args(parser, args)
+
+    from vit_jax import input_pipeline, train
+
+    config = data_config(
+        run,
+        predict.input_size(model, params),
+        dataset=args.dataset,
+        test_split=args.split,
+        tfds_data_dir=args.tfds_data_dir,
+        tfds_manual_dir=args.tfds_manual_dir,
+        label_key=args.label_key,
+        test_fraction=args.test_fraction,
+    )
+    try:
+        run_labels = (
+            predict.read_labels(None, model.num_classes, run) if run and model.num_classes else None
+        )
+        metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, run_labels)
+    except (EvaluationError, input_pipeline.DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if args.json:
+        print(json.dumps({**metrics, "class_names": class_names, "dataset": config.dataset}))
+    else:
+        print(train.format_report(metrics, class_names, max_classes=train.REPORT_CLASSES))
+
+
+if __name__ == "__main__":
+    main()
