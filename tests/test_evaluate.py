@@ -92,6 +92,10 @@ def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
         "'j' in the run, 'k' in the dataset); its predictions would be scored against the wrong "
         "labels"
     )
+    (run / "config.json").write_text(json.dumps({"dataset": str(other_names)}))
+    (run / "labels.txt").rename(run / "saved_labels.txt")  # a run without class names: not checked
+    assert _evaluate(capsys, "--workdir", str(run))["class_names"] == list("abcdefghik")
+    (run / "saved_labels.txt").rename(run / "labels.txt")
     same = _folder(tmp_path / "same", list("abcdefghij"))
     out = _evaluate(capsys, "--workdir", str(run), "--dataset", str(same))
     assert out["num_examples"] == 10 and out["class_names"] == list("abcdefghij")

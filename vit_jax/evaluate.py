@@ -180,8 +180,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         test_fraction=args.test_fraction,
     )
     try:
+        recorded = run and any(
+            os.path.exists(os.path.join(run, f)) for f in ("labels.txt", "eval.json")
+        )
         run_labels = (
-            predict.read_labels(None, model.num_classes, run) if run and model.num_classes else None
+            predict.read_labels(None, model.num_classes, run)
+            if recorded and model.num_classes
+            else None
         )
         metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, run_labels)
     except (EvaluationError, input_pipeline.DataError, OSError, ValueError) as e:

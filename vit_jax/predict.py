@@ -178,7 +178,8 @@ def predict(
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model/--checkpoint/--workdir/--image_size, shared by the predict and visualize commands."""
+    """--model/--checkpoint/--workdir/--image_size, shared by the predict, evaluate and
+    visualize commands."""
     parser.add_argument("--model", help="model name (default: read from the checkpoint's shapes)")
     parser.add_argument(
         "--checkpoint",
