@@ -33,9 +33,10 @@ def _folder(root, classes):
     return root
 
 
-def test_a_run_is_scored_as_it_scored_itself(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_is_scored_as_it_scored_itself(tmp_path, capsys, dtype):
     run = tmp_path / "run"
-    result = train.train_and_evaluate(tiny_config("digits"), str(run))
+    result = train.train_and_evaluate(tiny_config("digits", dtype=dtype), str(run))
     capsys.readouterr()
     # The run directory alone: its model.npz, dataset (config.json) and class names (labels.txt).
     out = _evaluate(capsys, "--workdir", str(run), "--batch", "24")
@@ -44,9 +45,15 @@ def test_a_run_is_scored_as_it_scored_itself(tmp_path, capsys):
     assert out["accuracy"] == result["accuracy"]
     assert out["confusion_matrix"] == result["confusion_matrix"]
     assert out["test_loss"] == pytest.approx(result["test_loss"], rel=1e-5)
-    # The exported file with the dataset named: the same figures.
+    # In the other dtype: other rounding, another loss.
+    other = {"float32": "bfloat16", "bfloat16": "float32"}[dtype]
+    out = _evaluate(capsys, "--workdir", str(run), "--dtype", other)
+    assert out["test_loss"] != result["test_loss"]
+    assert out["test_loss"] == pytest.approx(result["test_loss"], rel=0.05)
+    # The exported file alone (not a run directory) with the dataset named: float32.
     out = _evaluate(capsys, "--checkpoint", str(run / "model.npz"), "--dataset", "digits")
-    assert out["accuracy"] == result["accuracy"] and out["num_examples"] == 360
+    float32 = _evaluate(capsys, "--workdir", str(run), "--dtype", "float32")
+    assert out == {**float32, "dataset": "digits"} and out["num_examples"] == 360
     # Text: the table a training run ends with.
     evaluate.main(["--workdir", str(run)])
     text = capsys.readouterr().out
@@ -101,6 +108,10 @@ def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
     assert out["num_examples"] == 10 and out["class_names"] == list("abcdefghij")
     assert error("--workdir", str(run), "--test_fraction", "1").endswith(
         "error: argument --test_fraction: 1.0 is not in [0, 1)"
+    )
+    (run / "config.json").write_text("{not json")
+    assert error("--workdir", str(run)).startswith(
+        f"error: {run / 'config.json'} is not the JSON a run writes (Expecting property name"
     )
     # A file outside a run brings no dataset.
     other = tmp_path / "m.npz"

@@ -51,6 +51,20 @@ class EvaluationError(ValueError):
     """A checkpoint and dataset that do not go together; the message says how to fix it."""
 
 
+def run_settings(run: str | None) -> dict[str, Any]:
+    """The settings of the run directory `run` as its config.json records them ({} without one)."""
+    path = os.path.join(run, "config.json") if run else None
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise EvaluationError(
+                f"{path} is not the JSON a run writes ({e}); give the settings as options"
+            ) from None
+
+
 def data_config(
     run: str | None = None, image_size: tuple[int, int] = (384, 384), **given: Any
 ) -> Any:
@@ -62,11 +76,8 @@ def data_config(
     from vit_jax import train
 
     fields = train.default_config().to_dict()
-    recorded = os.path.join(run, "config.json") if run else None
-    if recorded and os.path.exists(recorded):
-        with open(recorded) as f:
-            settings = json.load(f)
-        fields.update({k: settings[k] for k in DATA_FIELDS if k in settings})
+    recorded = run_settings(run)
+    fields.update({k: recorded[k] for k in DATA_FIELDS if recorded.get(k) is not None})
     fields.update({k: v for k, v in given.items() if v is not None})
     fields["image_size"] = tuple(image_size)
     return ml_collections.ConfigDict(fields)
@@ -106,7 +117,8 @@ def evaluate_checkpoint(
 
     Returns (metrics, class names): the metrics of `train.evaluate` (accuracy, test_loss,
     num_examples, per-class precision/recall/f1/support, confusion_matrix). `batch` images per step,
-    divided over every device; `run_labels` are checked against the dataset's class names.
+    divided over the devices of this one process; `run_labels` are checked against the dataset's
+    class names. The model computes in its own `dtype`.
     """
     import jax
     from jax.sharding import NamedSharding
@@ -160,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=positive_int, default=64, help="images per step over all devices (64)"
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="the compute dtype (default: the run's, as in its config.json, else float32)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
     run = predict.labels_run(args)
@@ -169,17 +186,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from vit_jax import input_pipeline, train
 
-    config = data_config(
-        run,
-        predict.input_size(model, params),
-        dataset=args.dataset,
-        test_split=args.split,
-        tfds_data_dir=args.tfds_data_dir,
-        tfds_manual_dir=args.tfds_manual_dir,
-        label_key=args.label_key,
-        test_fraction=args.test_fraction,
-    )
     try:
+        dtype = args.dtype or run_settings(run).get("dtype")
+        if dtype in ("float32", "bfloat16"):  # a run evaluated itself in its training dtype
+            model = model.clone(dtype=dtype)
+        config = data_config(
+            run,
+            predict.input_size(model, params),
+            dataset=args.dataset,
+            test_split=args.split,
+            tfds_data_dir=args.tfds_data_dir,
+            tfds_manual_dir=args.tfds_manual_dir,
+            label_key=args.label_key,
+            test_fraction=args.test_fraction,
+        )
         recorded = run and any(
             os.path.exists(os.path.join(run, f)) for f in ("labels.txt", "eval.json")
         )
