@@ -128,7 +128,9 @@ def evaluate_checkpoint(
 
     n_dev = jax.device_count()
     if batch % n_dev:
-        raise EvaluationError(f"--batch {batch} does not divide over {n_dev} devices")
+        raise EvaluationError(
+            f"--batch {batch} does not divide over {n_dev} devices: use a multiple of {n_dev}"
+        )
     # The number of classes is known before a TFDS download (class names may not be): a checkpoint
     # that cannot fit is refused before fetching anything.
     known = input_pipeline.get_info(config)
