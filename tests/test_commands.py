@@ -38,7 +38,7 @@ def _help(cmd):
     return result.stdout
 
 
-@pytest.mark.parametrize("name", ["vit-predict", "vit-checkpoint", "vit-benchmark"])
+@pytest.mark.parametrize("name", ["vit-predict", "vit-evaluate", "vit-checkpoint", "vit-benchmark"])
 def test_installed_scripts_equal_the_module_forms(name):
     script = os.path.join(BIN, name)
     assert os.path.exists(script), f"{name} is not installed next to {sys.executable}"

@@ -5,8 +5,8 @@
     python -m vit_jax.evaluate --workdir runs/my-run --dataset ~/more_photos --json
 
 The checkpoint keeps its head, so its classes must be the dataset's, in the dataset's order: a run's
-class names (labels.txt) are checked against the dataset's. A run's dataset and data settings come from
-its config.json unless given. Images are preprocessed as training evaluates them (resized to the
+class names (labels.txt) are checked against the dataset's. A run's dataset, data settings and compute
+dtype come from its config.json unless given. Images are preprocessed as training evaluates them (resized to the
 checkpoint's resolution, or --image_size), every test example counted once. Prints the accuracy, loss,
 per-class precision/recall/F1 and (up to 20 classes) the confusion matrix, as a training run ends;
 --json prints every figure.
