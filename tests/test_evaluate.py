@@ -106,6 +106,10 @@ def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
     same = _folder(tmp_path / "same", list("abcdefghij"))
     out = _evaluate(capsys, "--workdir", str(run), "--dataset", str(same))
     assert out["num_examples"] == 10 and out["class_names"] == list("abcdefghij")
+    (run / "labels.txt").write_text("".join(f"{c}\n" for c in "abcdefghi"))  # one name short
+    assert error("--workdir", str(run), "--dataset", str(same)) == (
+        "error: the run recorded 9 class names for 10 classes"
+    )
     assert error("--workdir", str(run), "--test_fraction", "1").endswith(
         "error: argument --test_fraction: 1.0 is not in [0, 1)"
     )

@@ -66,17 +66,16 @@ def run_settings(run: str | None) -> dict[str, Any]:
 
 
 def data_config(
-    run: str | None = None, image_size: tuple[int, int] = (384, 384), **given: Any
+    recorded: dict[str, Any], image_size: tuple[int, int] = (384, 384), **given: Any
 ) -> Any:
     """The training config that `input_pipeline` reads for evaluation: `train.default_config()`,
-    then the data settings of the run directory `run` (its config.json), then `given` (None values
+    then the data settings among a run's `recorded` ones (`run_settings`), then `given` (None values
     are left out), at `image_size` (H, W)."""
     import ml_collections
 
     from vit_jax import train
 
     fields = train.default_config().to_dict()
-    recorded = run_settings(run)
     fields.update({k: recorded[k] for k in DATA_FIELDS if recorded.get(k) is not None})
     fields.update({k: v for k, v in given.items() if v is not None})
     fields["image_size"] = tuple(image_size)
@@ -97,6 +96,8 @@ def check_classes(
             "checkpoint fine-tuned on this dataset (an ImageNet-21k one has 21843 classes, a "
             "published ImageNet one 1000, for imagenet2012)"
         )
+    if run_labels is not None and len(run_labels) != n:
+        raise EvaluationError(f"the run recorded {len(run_labels)} class names for {n} classes")
     if run_labels is not None and run_labels != dataset_classes:
         differ = [
             f"{i}: {a!r} in the run, {b!r} in the dataset"
@@ -189,11 +190,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vit_jax import input_pipeline, train
 
     try:
-        dtype = args.dtype or run_settings(run).get("dtype")
+        recorded = run_settings(run)
+        dtype = args.dtype or recorded.get("dtype")
         if dtype in ("float32", "bfloat16"):  # a run evaluated itself in its training dtype
             model = model.clone(dtype=dtype)
         config = data_config(
-            run,
+            recorded,
             predict.input_size(model, params),
             dataset=args.dataset,
             test_split=args.split,
@@ -202,14 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             label_key=args.label_key,
             test_fraction=args.test_fraction,
         )
-        recorded = run and any(
-            os.path.exists(os.path.join(run, f)) for f in ("labels.txt", "eval.json")
-        )
-        run_labels = (
-            predict.read_labels(None, model.num_classes, run)
-            if recorded and model.num_classes
-            else None
-        )
+        run_labels = predict.run_class_names(run) if run else None
         metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, run_labels)
     except (EvaluationError, input_pipeline.DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -49,24 +49,38 @@ def run_directory(path: str | None) -> str | None:
     return None
 
 
+def _label_file(path: str) -> list[str]:
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def run_class_names(workdir: str) -> list[str] | None:
+    """A run's class names: its labels.txt, or the eval.json of runs from before labels.txt; None
+    when it recorded neither."""
+    if os.path.exists(os.path.join(workdir, "labels.txt")):
+        return _label_file(os.path.join(workdir, "labels.txt"))
+    if os.path.exists(os.path.join(workdir, "eval.json")):
+        with open(os.path.join(workdir, "eval.json")) as f:
+            return json.load(f)["class_names"]
+    return None
+
+
 def read_labels(spec: str | None, num_classes: int, workdir: str | None = None) -> list[str]:
-    """Label names: 'imagenet2012', a file with one name per line, a run's classes (its labels.txt,
-    or the eval.json of runs from before labels.txt), or indices."""
-    run_labels = os.path.join(workdir, "labels.txt") if workdir else None
+    """Label names: 'imagenet2012', a file with one name per line, a run's classes
+    (`run_class_names`), or indices."""
+    run_names = run_class_names(workdir) if workdir and not spec else None
     if spec == "imagenet2012" or (spec is None and workdir is None and num_classes == 1000):
         names = imagenet_labels()
-    elif spec or (run_labels and os.path.exists(run_labels)):
-        with open(spec or run_labels) as f:
-            names = [line.strip() for line in f if line.strip()]
-    elif workdir and os.path.exists(os.path.join(workdir, "eval.json")):
-        with open(os.path.join(workdir, "eval.json")) as f:
-            names = json.load(f)["class_names"]
+    elif spec:
+        names = _label_file(spec)
+    elif run_names is not None:
+        names = run_names
     else:
         names = [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(
             f"{len(names)} label names for a model with {num_classes} classes "
-            f"({spec or run_labels or workdir})"
+            f"({spec or os.path.join(workdir or '', 'labels.txt')})"
         )
     return names
 
