@@ -87,7 +87,8 @@ def _write_folder(root, corrupt=False):
 
 def test_image_folder_run(tmp_path, monkeypatch, capsys):
     root = _write_folder(tmp_path / "data")
-    config = tiny_config(str(root), batch_eval=4, eval_every=2)
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config("data", batch_eval=4, eval_every=2)  # a relative path
     scans = []
     scan = input_pipeline._folder_files
     monkeypatch.setattr(
@@ -98,6 +99,8 @@ def test_image_folder_run(tmp_path, monkeypatch, capsys):
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["num_examples"] == 6  # every test image, the last batch padded
     assert scans == ["train", "test"]  # each split checked once, not at every evaluation
+    # Recorded as an absolute path: evaluate finds the run's data from any working directory.
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dataset"] == str(root)
     assert [r["step"] for r in rows(tmp_path / "run") if "accuracy" in r] == [2, 4]
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["class_names"] == [
         "blue",

@@ -762,11 +762,14 @@ def write_labels(class_names: list[str], workdir: str) -> None:
 
 def _expand_user(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A copy with '~' expanded in the paths read directly (the shell leaves `--dataset=~/x`
-    alone; the checkpoint paths are expanded where they are opened)."""
+    alone; the checkpoint paths are expanded where they are opened), and those paths absolute, so
+    that config.json names the same folders from any working directory (`vit_jax.evaluate`)."""
     config = copy.deepcopy(config)
     for name in ("dataset", "tfds_data_dir", "tfds_manual_dir"):
         if config[name].startswith("~"):
             config[name] = os.path.expanduser(config[name])
+        if config[name] and (name != "dataset" or os.path.isdir(config[name])):
+            config[name] = os.path.abspath(config[name])
     return config
 
 
