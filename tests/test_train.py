@@ -633,8 +633,8 @@ def test_report_of_many_classes_prints_the_worst_and_keeps_all_in_the_file():
     names = ["a", "b", "c", "d", "e"]
     short = train.format_report(metrics, names, max_classes=2).splitlines()
     assert short[0] == (
-        "test accuracy 0.5000 on 10 examples (loss 1.2500); macro precision 0.600, "
-        "recall 0.440, f1 0.480 over 5 classes"
+        "test accuracy 0.5000 on 10 examples (loss 1.2500); macro precision 0.750, "
+        "recall 0.500, f1 0.600 over the 4 of 5 classes with examples"
     )
     assert short[1] == "the 2 classes with the lowest f1 (all 5 in report.txt):"
     assert [row.split()[0] for row in short[3:5]] == ["b", "c"]  # d has no test examples

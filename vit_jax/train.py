@@ -406,17 +406,24 @@ def format_report(
 ) -> str:
     """The evaluation as a printable table: accuracy, macro averages, one row per class.
 
-    With more than `max_classes` classes only the `max_classes` rows with the lowest F1 among the
-    classes that have test examples are listed (ImageNet's 1000 rows would bury the rest of the
-    log). The confusion matrix is printed for up to 20 classes; eval.json holds it for any number.
+    The macro averages are over the classes that have test examples (a class without any has no
+    recall; the images wrongly given its name already lower the others' recall). With more than
+    `max_classes` classes only the `max_classes` rows with the lowest F1 among the classes that
+    have test examples are listed (ImageNet's 1000 rows would bury the rest of the log). The
+    confusion matrix is printed for up to 20 classes; eval.json holds it for any number.
     """
     n = len(class_names)
     width = max(8, *(len(name) for name in class_names)) + 2
-    macro = {k: float(np.mean(metrics[k])) for k in ("precision", "recall", "f1")}
+    present = np.asarray(metrics["support"]) > 0
+    present = present if present.any() else ~present
+    macro = {
+        k: float(np.mean(np.asarray(metrics[k])[present])) for k in ("precision", "recall", "f1")
+    }
+    over = f"{n} classes" if present.all() else f"the {present.sum()} of {n} classes with examples"
     lines = [
         f"test accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} examples "
         f"(loss {metrics['test_loss']:.4f}); macro precision {macro['precision']:.3f}, "
-        f"recall {macro['recall']:.3f}, f1 {macro['f1']:.3f} over {n} classes",
+        f"recall {macro['recall']:.3f}, f1 {macro['f1']:.3f} over {over}",
     ]
     rows = list(range(n))
     if max_classes is not None and n > max_classes:
