@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests.test_train import tiny_config
-from vit_jax import checkpoint, evaluate, models, train
+from vit_jax import checkpoint, evaluate, models, predict, train
 
 
 def _evaluate(capsys, *args):
@@ -122,4 +122,101 @@ def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
     other.write_bytes((run / "model.npz").read_bytes())
     assert error("--checkpoint", str(other)).endswith(
         "error: give --dataset (a run directory's checkpoint brings its own)"
+    )
+
+
+def test_a_folder_of_new_images_is_scored_whole(tmp_path, capsys):
+    # A run trained on `trained` (train/ and test/) with ten classes; a new folder without train/
+    # holds images of two of them, a copy of a training image and a file that is not an image.
+    classes = list("abcdefghij")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "labels.txt").write_text("".join(f"{c}\n" for c in classes))
+    trained = _folder(tmp_path / "trained", classes)
+    (run / "config.json").write_text(json.dumps({"dataset": str(trained)}))
+    model, params = checkpoint.load_pretrained_model(None, str(_checkpoint(run / "model.npz", 16)))
+    new = tmp_path / "new"
+    rng = np.random.default_rng(0)
+    for name, count in (("c", 4), ("h", 3)):
+        (new / name).mkdir(parents=True)
+        for i in range(count):  # at the model's 16 px: both pipelines read the same pixels
+            pixels = rng.integers(0, 256, (16, 16, 3), np.uint8)
+            Image.fromarray(pixels).save(new / name / f"{i}.png")
+    (new / "c" / "copy.png").write_bytes((trained / "train" / "c" / "0.png").read_bytes())
+    (new / "h" / "notes.png").write_text("not an image")
+
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--workdir", str(run), "--dataset", str(new)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(f"error: unreadable image {new / 'h' / 'notes.png'}")
+    )
+    assert err.strip().endswith("or pass --skip_bad_images to skip such files")
+
+    evaluate.main(["--workdir", str(run), "--dataset", str(new), "--skip_bad_images", "--json"])
+    out, err = capsys.readouterr()
+    out = json.loads(out)
+    notes = err.strip().splitlines()
+    assert notes[0] == f"scoring all of {new}: 7 images in 2 of the model's 10 classes"
+    assert notes[1].startswith(
+        "test: left out 1 image(s) that are byte-for-byte copies of training"
+    )
+    assert notes[-1].startswith("test: skipped 1 unreadable image(s) (--skip_bad_images), e.g.")
+    # Labels by folder name (c is class 2, h class 7); predictions as vit_jax.predict makes them.
+    assert out["num_examples"] == 7 and out["support"] == [0, 0, 4, 0, 0, 0, 0, 3, 0, 0]
+    files = [str(new / "c" / f"{i}.png") for i in range(4)] + [
+        str(new / "h" / f"{i}.png") for i in range(3)
+    ]
+    results, _ = predict.predict(model, params, files, classes, top_k=1)
+    predicted = [r["predictions"][0]["index"] for r in results]
+    expected = np.zeros((10, 10), int)
+    for true, guess in zip([2] * 4 + [7] * 3, predicted, strict=True):
+        expected[true, guess] += 1
+    assert out["confusion_matrix"] == expected.tolist()
+    assert out["accuracy"] == pytest.approx(np.trace(expected) / 7)
+
+    # The run's own dataset keeps training's test split (test/, one image per class).
+    own = _evaluate(capsys, "--workdir", str(run), "--dataset", str(trained))
+    assert own["num_examples"] == 10
+    # The same images under new/test/: scored whole too; a folder the model lacks is refused.
+    (tmp_path / "again").mkdir()
+    (new).rename(tmp_path / "again" / "test")
+    (tmp_path / "again" / "test" / "h" / "notes.png").unlink()
+    trained.rename(tmp_path / "moved")  # the run's data gone: copies cannot be looked for
+    evaluate.main(["--workdir", str(run), "--dataset", str(tmp_path / "again"), "--json"])
+    again, err = capsys.readouterr()
+    assert f"not compared with the run's training images: {trained} is gone" in err
+    again = json.loads(again)
+    assert again["num_examples"] == 8 and again["support"] == [0, 0, 5, 0, 0, 0, 0, 3, 0, 0]
+    copy = str(tmp_path / "again" / "test" / "c" / "copy.png")
+    (result,), _ = predict.predict(model, params, [copy], classes)
+    expected[2, result["predictions"][0]["index"]] += 1
+    assert again["confusion_matrix"] == expected.tolist()
+    (tmp_path / "again" / "test" / "zebra").mkdir()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(
+        tmp_path / "again" / "test" / "zebra" / "0.png"
+    )
+    with pytest.raises(SystemExit):
+        evaluate.main(["--workdir", str(run), "--dataset", str(tmp_path / "again")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'again' / 'test'} has class folders that are not among the model's "
+        "10 classes: zebra (the model's: a, b, c, d, e, f, g, h, ...); the model cannot predict "
+        "them, so rename or remove those folders"
+    )
+    # Without the run's class names, the sorted folders are the head's classes: ten are needed.
+    alone = tmp_path / "alone.npz"
+    alone.write_bytes((run / "model.npz").read_bytes())
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(alone), "--dataset", str(tmp_path / "again")])
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: {tmp_path / 'again' / 'test'} has 3 class folders with images and the model 10 "
+            "classes: without the model's class names"
+        )
     )

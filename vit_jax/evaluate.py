@@ -5,11 +5,13 @@
     python -m vit_jax.evaluate --workdir runs/my-run --dataset ~/more_photos --json
 
 The checkpoint keeps its head, so its classes must be the dataset's, in the dataset's order: a run's
-class names (labels.txt) are checked against the dataset's. A run's dataset, data settings and compute
-dtype come from its config.json unless given. Images are preprocessed as training evaluates them (resized to the
-checkpoint's resolution, or --image_size), every test example counted once. Prints the accuracy, loss,
-per-class precision/recall/F1 and (up to 20 classes) the confusion matrix, as a training run ends;
---json prints every figure.
+class names (labels.txt) are checked against the dataset's. A folder of new images without train/
+(NEW/<class>/<image>, or NEW/test/<class>/<image>) is scored whole, its class folders matched to the
+run's class names by name (any number of them), and copies of the run's training images left out.
+A run's dataset, data settings and compute dtype come from its config.json unless given. Images are
+preprocessed as training evaluates them (resized to the checkpoint's resolution, or --image_size),
+every test example counted once. Prints the accuracy, loss, per-class precision/recall/F1 and (up to
+20 classes) the confusion matrix, as a training run ends; --json prints every figure.
 """
 
 from __future__ import annotations
@@ -82,6 +84,34 @@ def data_config(
     return ml_collections.ConfigDict(fields)
 
 
+# input_pipeline's messages name training's `--config.X` options; this command's for the same.
+_FLAGS = (
+    ("--config.test_split", "--split"),
+    ("--config.test_fraction", "--test_fraction"),
+    ("--config.skip_bad_images=True", "--skip_bad_images"),
+    ("--config.skip_bad_images", "--skip_bad_images"),
+    ("--config.label_key", "--label_key"),
+)
+
+
+def own_flags(message: str) -> str:
+    """`message` with training's option names replaced by evaluate's."""
+    for training_flag, flag in _FLAGS:
+        message = message.replace(training_flag, flag)
+    return message
+
+
+def check_batch(batch: int) -> None:
+    """EvaluationError unless `batch` divides over this process's devices."""
+    import jax
+
+    n_dev = jax.device_count()
+    if batch % n_dev:
+        raise EvaluationError(
+            f"--batch {batch} does not divide over {n_dev} devices: use a multiple of {n_dev}"
+        )
+
+
 def check_classes(
     num_classes: int | None, run_labels: list[str] | None, dataset_classes: list[str], dataset: str
 ) -> None:
@@ -111,10 +141,77 @@ def check_classes(
         )
 
 
+def is_new_folder(dataset: str | None, recorded: dict[str, Any], test_fraction: Any) -> bool:
+    """Whether `dataset` (--dataset) is a folder of new labelled images, scored whole
+    (`input_pipeline.labelled_folder`): an image folder without train/ that is not the run's own
+    dataset (`recorded['dataset']`), with no --test_fraction asking for training's hold-out."""
+    if dataset is None or test_fraction is not None or not os.path.isdir(dataset):
+        return False
+    if os.path.isdir(os.path.join(dataset, "train")):
+        return False
+    own = recorded.get("dataset")
+    return not (own and os.path.isdir(own) and os.path.samefile(own, dataset))
+
+
+def dataset_info(config: Any, num_classes: int | None, run_labels: list[str] | None = None) -> Any:
+    """The `input_pipeline.DatasetInfo` of the test split that `config` (see `data_config`) names,
+    its data downloaded and checked, for a head of `num_classes` outputs; `run_labels` (a run's
+    class names) must be the dataset's. EvaluationError when they do not fit."""
+    from vit_jax import input_pipeline
+
+    # The number of classes is known before a TFDS download (class names may not be): a checkpoint
+    # that cannot fit is refused before fetching anything.
+    known = input_pipeline.get_info(config)
+    check_classes(num_classes, None, known.class_names, known.name)
+    info = input_pipeline.get_info(config, download=True)
+    check_classes(num_classes, run_labels, info.class_names, info.name)
+    return info
+
+
+def new_folder_info(
+    config: Any,
+    num_classes: int | None,
+    run_labels: list[str] | None = None,
+    training: Any = None,
+) -> tuple[Any, list[str]]:
+    """(DatasetInfo, notes) for scoring every image of the folder `config.dataset` (see
+    `is_new_folder`) with a head of `num_classes` outputs. With `run_labels` (a run's class names)
+    the class folders are matched to them by name, and may be any number of them; without, the
+    sorted folders are the head's classes. With `training`, the config of the run's own image-folder
+    dataset, copies of its training images are left out (`input_pipeline.data_notes` names them;
+    the notes returned say why they could not be looked for, if so)."""
+    from vit_jax import input_pipeline
+
+    if num_classes is None:
+        raise EvaluationError("the checkpoint has no classification head (num_classes=None)")
+    if run_labels is not None and len(run_labels) != num_classes:
+        raise EvaluationError(
+            f"the run recorded {len(run_labels)} class names for {num_classes} classes"
+        )
+    info = input_pipeline.labelled_folder(
+        config.dataset, run_labels, config.skip_bad_images, num_classes
+    )
+    notes = []
+    if training is not None:
+        try:
+            seen = input_pipeline.training_images(training)
+        except input_pipeline.DataError as e:
+            notes.append(f"not compared with the run's training images: {e}")
+        else:
+            input_pipeline.without_training_copies(info, seen)
+    return info, notes
+
+
 def evaluate_checkpoint(
-    model: Any, params: Any, config: Any, batch: int = 64, run_labels: list[str] | None = None
+    model: Any,
+    params: Any,
+    config: Any,
+    batch: int = 64,
+    run_labels: list[str] | None = None,
+    info: Any = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Evaluates `params` on the test split that `config` (see `data_config`) names.
+    """Evaluates `params` on the test split that `config` (see `data_config`) names, or on `info`'s
+    (`dataset_info`, `new_folder_info`).
 
     Returns (metrics, class names): the metrics of `train.evaluate` (accuracy, test_loss,
     num_examples, per-class precision/recall/f1/support, confusion_matrix). `batch` images per step,
@@ -127,17 +224,9 @@ def evaluate_checkpoint(
 
     from vit_jax import input_pipeline, parallel, train
 
-    n_dev = jax.device_count()
-    if batch % n_dev:
-        raise EvaluationError(
-            f"--batch {batch} does not divide over {n_dev} devices: use a multiple of {n_dev}"
-        )
-    # The number of classes is known before a TFDS download (class names may not be): a checkpoint
-    # that cannot fit is refused before fetching anything.
-    known = input_pipeline.get_info(config)
-    check_classes(model.num_classes, None, known.class_names, known.name)
-    info = input_pipeline.get_info(config, download=True)
-    check_classes(model.num_classes, run_labels, info.class_names, info.name)
+    check_batch(batch)
+    if info is None:
+        info = dataset_info(config, model.num_classes, run_labels)
     mesh = parallel.data_mesh()
     params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated
     eval_step = train.make_eval_step(model, config.cpu_block_tokens)
@@ -173,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="an image folder without test/: the share of each class held out as in training",
     )
     parser.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="leave out images that cannot be decoded instead of stopping (default: the run's)",
+    )
+    parser.add_argument(
         "--batch", type=positive_int, default=64, help="images per step over all devices (64)"
     )
     parser.add_argument(
@@ -203,11 +297,30 @@ def main(argv: Sequence[str] | None = None) -> None:
             tfds_manual_dir=args.tfds_manual_dir,
             label_key=args.label_key,
             test_fraction=args.test_fraction,
+            skip_bad_images=args.skip_bad_images or None,
         )
+        check_batch(args.batch)
         run_labels = predict.run_class_names(run) if run else None
-        metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, run_labels)
+        if is_new_folder(args.dataset, recorded, args.test_fraction):
+            own = recorded.get("dataset")
+            training = data_config(recorded) if own and os.path.isdir(own) else None
+            info, notes = new_folder_info(config, model.num_classes, run_labels, training)
+            if own and training is None and os.sep in own:  # a folder, not a TFDS name
+                notes.append(f"not compared with the run's training images: {own} is gone")
+            scan = info.details["test_scan"]
+            where = info.details["test_dir"] or config.dataset
+            notes.insert(
+                0,
+                f"scoring all of {where}: {len(scan.files)} images in "
+                f"{len(info.details['test_classes'])} of the model's {info.num_classes} classes",
+            )
+        else:
+            info, notes = dataset_info(config, model.num_classes, run_labels), []
+        for line in notes + input_pipeline.data_notes(info, "test"):
+            print(own_flags(line), file=sys.stderr)
+        metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, info=info)
     except (EvaluationError, input_pipeline.DataError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {own_flags(str(e))}", file=sys.stderr)
         sys.exit(2)
     if args.json:
         print(json.dumps({**metrics, "class_names": class_names, "dataset": config.dataset}))

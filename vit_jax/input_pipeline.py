@@ -149,20 +149,31 @@ class FolderSplit(NamedTuple):
 
 
 def _folder_files(
-    root: str, split: str, class_names: list[str], skip_bad: bool, test_fraction: float = 0.0
+    root: str,
+    split: str,
+    class_names: list[str],
+    skip_bad: bool,
+    test_fraction: float = 0.0,
+    *,
+    split_dir: str | None = None,
 ) -> FolderSplit:
     """The images of an image folder's 'train' or 'test' split (see `folder_dirs`; without a test
-    directory, about `test_fraction` of each class is the test split): images training cannot decode
-    are skipped with `skip_bad`, else a DataError.
+    directory, about `test_fraction` of each class is the test split), or with `split_dir` all the
+    images of the class folders in that directory: images training cannot decode are skipped with
+    `skip_bad`, else a DataError. An image's label is its class folder's index in `class_names`;
+    a name without a folder has no images.
 
     Every image is decoded once here, by the decoder training uses: a file that fails would
     otherwise stop the run whenever the shuffle reaches it (PIL's checks pass truncated JPEGs).
     """
     from PIL import Image, UnidentifiedImageError
 
-    train_dir, test_dir = folder_dirs(root)
-    split_dir = test_dir if split == "test" and test_dir else train_dir
-    held_out = test_dir is None and test_fraction > 0
+    if split_dir is None:
+        train_dir, test_dir = folder_dirs(root)
+        split_dir = test_dir if split == "test" and test_dir else train_dir
+        held_out = test_dir is None and test_fraction > 0
+    else:
+        train_dir, held_out = split_dir, False
     candidates, bad, ignored, position, runs = [], {}, [], {}, []
     for label, cls in enumerate(class_names):
         directory = os.path.join(split_dir, cls)
@@ -614,6 +625,68 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
     label = builder.info.features[config.label_key]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
     return DatasetInfo(config.dataset, label.num_classes, names, "tfds")
+
+
+def labelled_folder(
+    root: str,
+    class_names: list[str] | None = None,
+    skip_bad: bool = False,
+    num_classes: int | None = None,
+) -> DatasetInfo:
+    """A folder of new labelled images to score a trained model on, every image in the test split:
+    the class folders of ROOT/test/ (or val/, validation/) when it has one, else of ROOT itself
+    (ROOT/<class>/<image>); no train/ is needed. With `class_names` (the model's classes in label
+    order) the folders may be any of those classes, as many as there are, and an image's label is
+    its folder's index in `class_names`; a folder of another name is a DataError. Without, the
+    folders (sorted) are the classes, and there must be `num_classes` of them if that is given
+    (checked before any image is decoded). The images are checked as training checks them (see
+    `_folder_files`), and the returned info holds them for `eval_batches`."""
+    if not os.path.isdir(root):
+        raise DataError(f"image folder {root} not found")
+    tests = [os.path.join(root, d) for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
+    directory = tests[0] if tests else root
+    folders = _class_dirs(directory)
+    present = [c for c in folders if _has_image(os.path.join(directory, c))]
+    if not present:
+        raise DataError(
+            f"no class folders with images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}; "
+            "lay the images out as ROOT/<class>/<image> or ROOT/test/<class>/<image>"
+        )
+    if class_names is None and num_classes is not None and len(present) != num_classes:
+        raise DataError(
+            f"{directory} has {len(present)} class folders with images and the model "
+            f"{num_classes} classes: without the model's class names the folders, sorted, are "
+            "taken as its classes, so their numbers must be equal (with its class names, a "
+            "run's labels.txt, they are matched by name)"
+        )
+    names = list(present if class_names is None else class_names)
+    unknown = [c for c in present if c not in names]
+    if unknown:
+        listed = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise DataError(
+            f"{directory} has class folders that are not among the model's {len(names)} classes: "
+            f"{', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''} (the model's: "
+            f"{listed}); the model cannot predict them, so rename or remove those folders"
+        )
+    info = DatasetInfo(os.path.basename(os.path.normpath(root)), len(names), names, "folder")
+    info.details["without_images"] = {"test": [c for c in folders if c not in present]}
+    info.details["test_dir"] = directory if directory != root else None
+    info.details["test_classes"] = present
+    info.details["test_scan"] = _folder_files(root, "test", names, skip_bad, split_dir=directory)
+    return info
+
+
+def training_images(config: Any) -> FolderSplit:
+    """The checked training images of the image-folder dataset that `config` names (a run's)."""
+    return _scan(config, get_info(config), "train")
+
+
+def without_training_copies(info: DatasetInfo, training: FolderSplit) -> None:
+    """Leaves out of `info`'s test split (an image folder's, checked) the images that are
+    byte-for-byte copies of one of `training` (`training_images`), as training leaves them out of
+    its own test split; the (test, train) pairs go to info.details['test_copies'] (`data_notes`).
+    A DataError if every test image is such a copy."""
+    info.details["test_scan"] = _without_copies(info.details["test_scan"], training, info)
 
 
 def _check_disjoint(builder: Any, config: Any) -> None:
