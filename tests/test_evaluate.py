@@ -110,6 +110,10 @@ def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):
     assert error("--workdir", str(run), "--dataset", str(same)) == (
         "error: the run recorded 9 class names for 10 classes"
     )
+    assert error("--workdir", str(run), "--dataset", str(same), "--split", "validation") == (
+        "error: --split picks a TFDS split; an image folder's test split is its test/ (or val/, "
+        "validation/) folder, or the whole folder when it has no train/"
+    )
     assert error("--workdir", str(run), "--test_fraction", "1").endswith(
         "error: argument --test_fraction: 1.0 is not in [0, 1)"
     )

@@ -172,14 +172,14 @@ def new_folder_info(
     config: Any,
     num_classes: int | None,
     run_labels: list[str] | None = None,
-    training: Any = None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[Any, list[str]]:
-    """(DatasetInfo, notes) for scoring every image of the folder `config.dataset` (see
+    """(DatasetInfo, notes to print) for scoring every image of the folder `config.dataset` (see
     `is_new_folder`) with a head of `num_classes` outputs. With `run_labels` (a run's class names)
     the class folders are matched to them by name, and may be any number of them; without, the
-    sorted folders are the head's classes. With `training`, the config of the run's own image-folder
-    dataset, copies of its training images are left out (`input_pipeline.data_notes` names them;
-    the notes returned say why they could not be looked for, if so)."""
+    sorted folders are the head's classes. When the run's settings (`recorded`, `run_settings`)
+    name an image folder, copies of its training images are left out (`input_pipeline.data_notes`
+    names them; a note says why they could not be looked for, if so)."""
     from vit_jax import input_pipeline
 
     if num_classes is None:
@@ -192,13 +192,22 @@ def new_folder_info(
         config.dataset, run_labels, config.skip_bad_images, num_classes
     )
     notes = []
-    if training is not None:
+    own = (recorded or {}).get("dataset")
+    if own and os.path.isdir(own):
         try:
-            seen = input_pipeline.training_images(training)
+            seen = input_pipeline.training_images(data_config(recorded))
         except input_pipeline.DataError as e:
             notes.append(f"not compared with the run's training images: {e}")
         else:
             input_pipeline.without_training_copies(info, seen)
+    elif own and os.sep in own:  # a folder, not a TFDS name
+        notes.append(f"not compared with the run's training images: {own} is gone")
+    notes.insert(
+        0,
+        f"scoring all of {info.details['test_dir'] or config.dataset}: "
+        f"{len(info.details['test_scan'].files)} images in {len(info.details['test_classes'])} "
+        f"of the model's {info.num_classes} classes",
+    )
     return info, notes
 
 
@@ -300,20 +309,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             skip_bad_images=args.skip_bad_images or None,
         )
         check_batch(args.batch)
+        if args.split and os.path.isdir(config.dataset):
+            raise EvaluationError(
+                "--split picks a TFDS split; an image folder's test split is its test/ (or val/, "
+                "validation/) folder, or the whole folder when it has no train/"
+            )
         run_labels = predict.run_class_names(run) if run else None
         if is_new_folder(args.dataset, recorded, args.test_fraction):
-            own = recorded.get("dataset")
-            training = data_config(recorded) if own and os.path.isdir(own) else None
-            info, notes = new_folder_info(config, model.num_classes, run_labels, training)
-            if own and training is None and os.sep in own:  # a folder, not a TFDS name
-                notes.append(f"not compared with the run's training images: {own} is gone")
-            scan = info.details["test_scan"]
-            where = info.details["test_dir"] or config.dataset
-            notes.insert(
-                0,
-                f"scoring all of {where}: {len(scan.files)} images in "
-                f"{len(info.details['test_classes'])} of the model's {info.num_classes} classes",
-            )
+            info, notes = new_folder_info(config, model.num_classes, run_labels, recorded)
         else:
             info, notes = dataset_info(config, model.num_classes, run_labels), []
         for line in notes + input_pipeline.data_notes(info, "test"):
