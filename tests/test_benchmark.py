@@ -136,11 +136,15 @@ def test_peak_is_the_best_of_its_sizes(monkeypatch):
 def test_peak_of_fake_devices_is_measured_at_once():
     # Four fake CPU devices share this machine's cores: together they are not 4x faster than one.
     # 1024, not smaller: a 512 product takes about 1.5 ms on a slow 2-core machine, and one slow
-    # step in five put the ratio above 2 (2.16 once; 1.04-1.23 at 1024 in five runs there).
+    # step in five put the ratio above 2 (2.16 once; 1.04-1.23 at 1024 in five runs there). One
+    # device is measured before and after the four, the faster kept: a one-off slowdown of the
+    # shared machine during the first measurement put the ratio at 2.12 (0.90-1.03 in six runs).
     code = (
         "import jax, jax.numpy as jnp; from vit_jax import benchmark\n"
-        "one = benchmark.matmul_peak_gflops(jnp.float32, 1024, 5, jax.devices()[:1])\n"
-        "four = benchmark.matmul_peak_gflops(jnp.float32, 1024, 5)\n"
+        "peak = lambda devices=None: benchmark.matmul_peak_gflops(jnp.float32, 1024, 5, devices)\n"
+        "one = peak(jax.devices()[:1])\n"
+        "four = peak()\n"
+        "one = max(one, peak(jax.devices()[:1]))\n"
         "print(jax.device_count(), four / one)\n"
     )
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
