@@ -2,12 +2,13 @@
 #   make demo   - the main job: fine-tune a ViT offline on the embedded digits dataset
 #   make test   - lint + format check + the test suite
 #   make test-oldest - the test suite on the lowest versions pyproject.toml allows
+#   make test-newest - the test suite on Python 3.13, where pip finds the newest jax and flax
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-oldest lint install clean
+.PHONY: demo test test-oldest test-newest lint install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,5 +44,17 @@ test-oldest: $(STAMP)
 	$(UV) pip install --quiet --python $(OLDEST)/bin/python --no-deps -e .
 	$(OLDEST)/bin/python $(PYTEST)
 
+# jax 0.11 and later (and flax 0.12.9 and later) need Python 3.12 or newer, so a `python3` 3.11
+# gets jax 0.10: the suite again in a venv of the newest Python the project supports.
+NEWEST_PYTHON ?= python3.13
+NEWEST := .venv-newest
+test-newest:
+	rm -rf $(NEWEST)
+	$(NEWEST_PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(NEWEST)/bin/python -m pip install --quiet -e '.[test]'
+	$(NEWEST)/bin/python -c "import sys, jax, flax; print('Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
+	$(NEWEST)/bin/python $(PYTEST)
+
 clean:
-	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) $(NEWEST) build *.egg-info .pytest_cache .ruff_cache
