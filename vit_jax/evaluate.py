@@ -112,13 +112,23 @@ def check_batch(batch: int) -> None:
         )
 
 
+def check_head(num_classes: int | None, run_labels: list[str] | None) -> None:
+    """Raises EvaluationError unless the checkpoint has a head (`num_classes` outputs) and a run's
+    class names (`run_labels`), if any, are one per output."""
+    if num_classes is None:
+        raise EvaluationError("the checkpoint has no classification head (num_classes=None)")
+    if run_labels is not None and len(run_labels) != num_classes:
+        raise EvaluationError(
+            f"the run recorded {len(run_labels)} class names for {num_classes} classes"
+        )
+
+
 def check_classes(
     num_classes: int | None, run_labels: list[str] | None, dataset_classes: list[str], dataset: str
 ) -> None:
     """Raises EvaluationError unless the checkpoint's head (`num_classes` outputs; `run_labels`, a
     run's class names) predicts the dataset's classes in the dataset's order."""
-    if num_classes is None:
-        raise EvaluationError("the checkpoint has no classification head (num_classes=None)")
+    check_head(num_classes, run_labels)
     n = len(dataset_classes)
     if num_classes != n:
         raise EvaluationError(
@@ -126,8 +136,6 @@ def check_classes(
             "checkpoint fine-tuned on this dataset (an ImageNet-21k one has 21843 classes, a "
             "published ImageNet one 1000, for imagenet2012)"
         )
-    if run_labels is not None and len(run_labels) != n:
-        raise EvaluationError(f"the run recorded {len(run_labels)} class names for {n} classes")
     if run_labels is not None and run_labels != dataset_classes:
         differ = [
             f"{i}: {a!r} in the run, {b!r} in the dataset"
@@ -145,9 +153,11 @@ def is_new_folder(dataset: str | None, recorded: dict[str, Any], test_fraction: 
     """Whether `dataset` (--dataset) is a folder of new labelled images, scored whole
     (`input_pipeline.labelled_folder`): an image folder without train/ that is not the run's own
     dataset (`recorded['dataset']`), with no --test_fraction asking for training's hold-out."""
+    from vit_jax import input_pipeline
+
     if dataset is None or test_fraction is not None or not os.path.isdir(dataset):
         return False
-    if os.path.isdir(os.path.join(dataset, "train")):
+    if input_pipeline.folder_dirs(dataset)[0] != dataset:  # it has train/
         return False
     own = recorded.get("dataset")
     return not (own and os.path.isdir(own) and os.path.samefile(own, dataset))
@@ -182,12 +192,7 @@ def new_folder_info(
     names them; a note says why they could not be looked for, if so)."""
     from vit_jax import input_pipeline
 
-    if num_classes is None:
-        raise EvaluationError("the checkpoint has no classification head (num_classes=None)")
-    if run_labels is not None and len(run_labels) != num_classes:
-        raise EvaluationError(
-            f"the run recorded {len(run_labels)} class names for {num_classes} classes"
-        )
+    check_head(num_classes, run_labels)
     info = input_pipeline.labelled_folder(
         config.dataset, run_labels, config.skip_bad_images, num_classes
     )

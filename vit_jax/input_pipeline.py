@@ -108,8 +108,14 @@ def folder_dirs(root: str) -> tuple[str, str | None]:
     train = os.path.join(root, "train")
     if not os.path.isdir(train):
         return root, None
-    tests = [os.path.join(root, d) for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
-    return train, (tests[0] if tests else None)
+    return train, _test_dir(root)
+
+
+def _test_dir(root: str) -> str | None:
+    """The first of ROOT/{test,val,validation} that exists, or None."""
+    return next(
+        (os.path.join(root, d) for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))), None
+    )
 
 
 def _held_out(paths: list[str], directory: str, fraction: float) -> set[str]:
@@ -460,6 +466,12 @@ def _class_dirs(split_dir: str) -> list[str]:
     )
 
 
+def _image_classes(split_dir: str) -> tuple[list[str], list[str]]:
+    """(class folders, those of them that hold an image) of a split (`_class_dirs`, `_has_image`)."""
+    folders = _class_dirs(split_dir)
+    return folders, [c for c in folders if _has_image(os.path.join(split_dir, c))]
+
+
 def _visible_files(directory: str, runs: list[str] | None = None) -> Iterator[str]:
     """Files under `directory`, sub-folders included, in a fixed (sorted) order; hidden folders
     and files (.ipynb_checkpoints, macOS ._*) left out. Symbolic links to folders are followed,
@@ -528,15 +540,16 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
             "ROOT/train/<class>/<file> with ROOT/test/ (or val/, validation/) alike, or "
             "ROOT/<class>/<file> with --config.test_fraction"
         )
-        misplaced = [d for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
-        if flat and misplaced:
-            raise DataError(f"image folder {root} has {misplaced[0]}/ but no train/ ({layouts})")
-        folders = _class_dirs(train)
+        misplaced = _test_dir(root) if flat else None
+        if misplaced:
+            raise DataError(
+                f"image folder {root} has {os.path.basename(misplaced)}/ but no train/ ({layouts})"
+            )
+        folders, classes = _image_classes(train)
         if not folders:
             raise DataError(f"image folder {root} has no class folders ({layouts})")
         # A folder without images (__MACOSX from a zip, an empty one) is not a class: it would
         # add a head output that no image trains.
-        classes = [c for c in folders if _has_image(os.path.join(train, c))]
         if not classes:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {train}")
         without_images = {"train": [c for c in folders if c not in classes]}
@@ -559,8 +572,7 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
                 "is for folders without one: leave it at 0"
             )
         if test:
-            test_folders = _class_dirs(test)
-            test_classes = [c for c in test_folders if _has_image(os.path.join(test, c))]
+            test_folders, test_classes = _image_classes(test)
             without_images["test"] = [
                 c for c in test_folders if c not in test_classes and c not in classes
             ]
@@ -643,10 +655,8 @@ def labelled_folder(
     `_folder_files`), and the returned info holds them for `eval_batches`."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root} not found")
-    tests = [os.path.join(root, d) for d in TEST_DIRS if os.path.isdir(os.path.join(root, d))]
-    directory = tests[0] if tests else root
-    folders = _class_dirs(directory)
-    present = [c for c in folders if _has_image(os.path.join(directory, c))]
+    directory = _test_dir(root) or root
+    folders, present = _image_classes(directory)
     if not present:
         raise DataError(
             f"no class folders with images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}; "
