@@ -49,10 +49,7 @@ test-oldest: $(STAMP)
 NEWEST_PYTHON ?= python3.13
 NEWEST := .venv-newest
 test-newest:
-	rm -rf $(NEWEST)
-	$(NEWEST_PYTHON) -m venv $(NEWEST)
-	$(NEWEST)/bin/python -m pip install --quiet --upgrade pip
-	$(NEWEST)/bin/python -m pip install --quiet -e '.[test]'
+	$(MAKE) VENV=$(NEWEST) PYTHON=$(NEWEST_PYTHON) install
 	$(NEWEST)/bin/python -c "import sys, jax, flax; print('Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
 	$(NEWEST)/bin/python $(PYTEST)
 
