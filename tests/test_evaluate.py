@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tests.test_train import tiny_config
+from tests.test_train import CIFAR10_NAMES, _fake_cifar10_archive, tiny_config
 from vit_jax import checkpoint, evaluate, models, predict, train
 
 
@@ -66,6 +66,40 @@ def test_mock_tfds_split_is_counted_once_per_example(tmp_path, capsys):
         out = _evaluate(capsys, "--checkpoint", str(path), "--dataset", "cifar10", "--batch", "16")
     assert out["num_examples"] == 37 and sum(out["support"]) == 37  # 16 + 16 + 5, none dropped
     assert np.sum(out["confusion_matrix"]) == 37
+
+
+def test_only_a_runs_own_train_split_is_refused(tmp_path, capsys, monkeypatch):
+    # TFDS's real download_and_prepare of a small CIFAR-10 (10 train, 6 test examples).
+    archive = _fake_cifar10_archive(tmp_path / "extracted")
+    monkeypatch.setattr(
+        tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(archive)
+    )
+    data = ["--dataset", "cifar10", "--tfds_data_dir", str(tmp_path / "tfds"), "--batch", "4"]
+    # A published checkpoint never saw our train split: it may be scored on it. (stdout holds the
+    # JSON alone: TFDS's "Downloading and preparing dataset ..." went to stderr.)
+    path = _checkpoint(tmp_path / "m.npz", 32)
+    out = _evaluate(capsys, "--checkpoint", str(path), *data, "--split", "train")
+    assert out["num_examples"] == 10 and out["class_names"] == CIFAR10_NAMES
+    # A run that trained on the first half of it.
+    run = tmp_path / "run"
+    run.mkdir()
+    _checkpoint(run / "model.npz", 32)
+    (run / "labels.txt").write_text("".join(f"{c}\n" for c in CIFAR10_NAMES))
+    recorded = {"dataset": "cifar10", "tfds_data_dir": str(tmp_path / "tfds")}
+    (run / "config.json").write_text(json.dumps({**recorded, "train_split": "train[:50%]"}))
+    with pytest.raises(SystemExit):
+        evaluate.main(["--workdir", str(run), "--split", "train[30%:]"])
+    assert capsys.readouterr().err.strip() == (
+        "error: the split 'train[30%:]' shares 2 examples with 'train[:50%]', the split of "
+        "cifar10 the run trained on, so the accuracy would count images it trained on: choose a "
+        "--split disjoint from it (without --split: the run's test split)"
+    )
+    assert _evaluate(capsys, "--workdir", str(run), "--split", "train[50%:]")["num_examples"] == 5
+    assert _evaluate(capsys, "--workdir", str(run))["num_examples"] == 6  # its test split
+    # The same split of the same file, named as another dataset's run: scored.
+    (run / "config.json").write_text(json.dumps({**recorded, "dataset": "digits"}))
+    out = _evaluate(capsys, "--workdir", str(run), *data, "--split", "train[30%:]")
+    assert out["num_examples"] == 7
 
 
 def test_classes_that_do_not_fit_are_refused(tmp_path, capsys):

@@ -8,7 +8,8 @@ The checkpoint keeps its head, so its classes must be the dataset's, in the data
 class names (labels.txt) are checked against the dataset's. A folder of new images without train/
 (NEW/<class>/<image>, or NEW/test/<class>/<image>) is scored whole, its class folders matched to the
 run's class names by name (any number of them), and copies of the run's training images left out.
-A run's dataset, data settings and compute dtype come from its config.json unless given. Images are
+A run's dataset, data settings and compute dtype come from its config.json unless given; on the TFDS
+dataset it trained on, a --split that shares examples with its train split is refused. Images are
 preprocessed as training evaluates them (resized to the checkpoint's resolution, or --image_size),
 every test example counted once. Prints the accuracy, loss, per-class precision/recall/F1 and (up to
 20 classes) the confusion matrix, as a training run ends; --json prints every figure.
@@ -17,6 +18,7 @@ every test example counted once. Prints the accuracy, loss, per-class precision/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -163,17 +165,32 @@ def is_new_folder(dataset: str | None, recorded: dict[str, Any], test_fraction: 
     return not (own and os.path.isdir(own) and os.path.samefile(own, dataset))
 
 
-def dataset_info(config: Any, num_classes: int | None, run_labels: list[str] | None = None) -> Any:
+def dataset_info(
+    config: Any,
+    num_classes: int | None,
+    run_labels: list[str] | None = None,
+    trained_on: bool = True,
+) -> Any:
     """The `input_pipeline.DatasetInfo` of the test split that `config` (see `data_config`) names,
     its data downloaded and checked, for a head of `num_classes` outputs; `run_labels` (a run's
-    class names) must be the dataset's. EvaluationError when they do not fit."""
+    class names) must be the dataset's. `trained_on`: the checkpoint was trained on this TFDS
+    dataset's `config.train_split` (a run on its own dataset), so a test split that shares examples
+    with it is refused; False for a checkpoint trained elsewhere (a published one). EvaluationError
+    when they do not fit."""
     from vit_jax import input_pipeline
 
     # The number of classes is known before a TFDS download (class names may not be): a checkpoint
     # that cannot fit is refused before fetching anything.
     known = input_pipeline.get_info(config)
     check_classes(num_classes, None, known.class_names, known.name)
-    info = input_pipeline.get_info(config, download=True)
+    try:
+        info = input_pipeline.get_info(config, download=True, disjoint=trained_on)
+    except input_pipeline.SharedSplitsError as e:
+        raise EvaluationError(
+            f"the split {e.test_split!r} shares {e.shared} examples with {e.train_split!r}, the "
+            f"split of {config.dataset} the run trained on, so the accuracy would count images it "
+            "trained on: choose a --split disjoint from it (without --split: the run's test split)"
+        ) from None
     check_classes(num_classes, run_labels, info.class_names, info.name)
     return info
 
@@ -251,6 +268,47 @@ def evaluate_checkpoint(
     return metrics, info.class_names
 
 
+def score(args: argparse.Namespace, run: str | None, model: Any, params: Any) -> tuple:
+    """(metrics, class names, dataset) of `main`'s evaluation: `model` with `params` on the data
+    that the options `args` and the run directory `run` (if any) name."""
+    from vit_jax import input_pipeline, predict
+
+    recorded = run_settings(run)
+    dtype = args.dtype or recorded.get("dtype")
+    if dtype in ("float32", "bfloat16"):  # a run evaluated itself in its training dtype
+        model = model.clone(dtype=dtype)
+    config = data_config(
+        recorded,
+        predict.input_size(model, params),
+        dataset=args.dataset,
+        test_split=args.split,
+        tfds_data_dir=args.tfds_data_dir,
+        tfds_manual_dir=args.tfds_manual_dir,
+        label_key=args.label_key,
+        test_fraction=args.test_fraction,
+        skip_bad_images=args.skip_bad_images or None,
+    )
+    check_batch(args.batch)
+    if args.split and os.path.isdir(config.dataset):
+        raise EvaluationError(
+            "--split picks a TFDS split; an image folder's test split is its test/ (or val/, "
+            "validation/) folder, or the whole folder when it has no train/"
+        )
+    run_labels = predict.run_class_names(run) if run else None
+    if is_new_folder(args.dataset, recorded, args.test_fraction):
+        info, notes = new_folder_info(config, model.num_classes, run_labels, recorded)
+    else:
+        # Only a run's own TFDS dataset has a train split the checkpoint is known to have
+        # seen; a published checkpoint may be scored on any split (cifar10's train, say).
+        trained_on = recorded.get("dataset") == config.dataset
+        info = dataset_info(config, model.num_classes, run_labels, trained_on)
+        notes = []
+    for line in notes + input_pipeline.data_notes(info, "test"):
+        print(own_flags(line), file=sys.stderr)
+    metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, info=info)
+    return metrics, class_names, config.dataset
+
+
 @interruptible
 def main(argv: Sequence[str] | None = None) -> None:
     from vit_jax import predict
@@ -298,40 +356,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vit_jax import input_pipeline, train
 
     try:
-        recorded = run_settings(run)
-        dtype = args.dtype or recorded.get("dtype")
-        if dtype in ("float32", "bfloat16"):  # a run evaluated itself in its training dtype
-            model = model.clone(dtype=dtype)
-        config = data_config(
-            recorded,
-            predict.input_size(model, params),
-            dataset=args.dataset,
-            test_split=args.split,
-            tfds_data_dir=args.tfds_data_dir,
-            tfds_manual_dir=args.tfds_manual_dir,
-            label_key=args.label_key,
-            test_fraction=args.test_fraction,
-            skip_bad_images=args.skip_bad_images or None,
-        )
-        check_batch(args.batch)
-        if args.split and os.path.isdir(config.dataset):
-            raise EvaluationError(
-                "--split picks a TFDS split; an image folder's test split is its test/ (or val/, "
-                "validation/) folder, or the whole folder when it has no train/"
-            )
-        run_labels = predict.run_class_names(run) if run else None
-        if is_new_folder(args.dataset, recorded, args.test_fraction):
-            info, notes = new_folder_info(config, model.num_classes, run_labels, recorded)
-        else:
-            info, notes = dataset_info(config, model.num_classes, run_labels), []
-        for line in notes + input_pipeline.data_notes(info, "test"):
-            print(own_flags(line), file=sys.stderr)
-        metrics, class_names = evaluate_checkpoint(model, params, config, args.batch, info=info)
+        # stdout carries the report (or the JSON) alone; TFDS prints its download progress there.
+        with contextlib.redirect_stdout(sys.stderr):
+            metrics, class_names, dataset = score(args, run, model, params)
     except (EvaluationError, input_pipeline.DataError, OSError, ValueError) as e:
         print(f"error: {own_flags(str(e))}", file=sys.stderr)
         sys.exit(2)
     if args.json:
-        print(json.dumps({**metrics, "class_names": class_names, "dataset": config.dataset}))
+        print(json.dumps({**metrics, "class_names": class_names, "dataset": dataset}))
     else:
         print(train.format_report(metrics, class_names, max_classes=train.REPORT_CLASSES))
 

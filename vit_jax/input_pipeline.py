@@ -50,6 +50,14 @@ class DataError(ValueError):
     """A dataset that cannot be read; the message names the file or setting to fix."""
 
 
+class SharedSplitsError(DataError):
+    """A test split that shares `shared` examples with the train split (TFDS split specs)."""
+
+    def __init__(self, message: str, train_split: str, test_split: str, shared: int):
+        super().__init__(message)
+        self.train_split, self.test_split, self.shared = train_split, test_split, shared
+
+
 @dataclasses.dataclass
 class DatasetInfo:
     """What the model and the evaluation need to know about a dataset."""
@@ -522,13 +530,15 @@ def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (x_train, y_train) if split == "train" else (x_test, y_test)
 
 
-def get_info(config: Any, download: bool = False) -> DatasetInfo:
+def get_info(config: Any, download: bool = False, disjoint: bool = True) -> DatasetInfo:
     """Number and names of classes, and where the data comes from.
 
     `download=True` readies the data before any other work, so that a problem is one DataError
     then: it downloads and prepares a TFDS dataset (once; later calls find it ready; some, like
     CIFAR, learn their class names from the download), and decodes every image of an image
     folder's train and test splits (the result is kept in the returned info for the pipelines).
+    With `disjoint` (the model trains, or trained, on `config.train_split`) a TFDS test split that
+    shares examples with the train split is a SharedSplitsError once the dataset is prepared.
     """
     if config.dataset == "digits":
         return DatasetInfo("digits", 10, [str(i) for i in range(10)], "digits")
@@ -632,7 +642,7 @@ def get_info(config: Any, download: bool = False) -> DatasetInfo:
                     f"Choose one with --config.{field}=..., or carve both out of one split: "
                     "--config.train_split='train[:90%]' --config.test_split='train[90%:]'"
                 ) from None
-        if builder.info.splits:
+        if builder.info.splits and disjoint:
             _check_disjoint(builder, config)
     label = builder.info.features[config.label_key]
     names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
@@ -718,11 +728,14 @@ def _check_disjoint(builder: Any, config: Any) -> None:
         if file_a == file_b
     )
     if shared:
-        raise DataError(
+        raise SharedSplitsError(
             f"the train split {train_spec!r} and the test split {test_spec!r} of TFDS dataset "
             f"{config.dataset!r} share {shared} examples, so the test accuracy would count images "
             "the model trained on; make them disjoint, e.g. --config.train_split='train[:90%]' "
-            "--config.test_split='train[90%:]'"
+            "--config.test_split='train[90%:]'",
+            train_spec,
+            test_spec,
+            shared,
         )
 
 
