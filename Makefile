@@ -45,13 +45,15 @@ test-oldest: $(STAMP)
 	$(OLDEST)/bin/python $(PYTEST)
 
 # jax 0.11 and later (and flax 0.12.9 and later) need Python 3.12 or newer, so a `python3` 3.11
-# gets jax 0.10: the suite again in a venv of the newest Python the project supports.
+# gets jax 0.10: the suite again in a venv of the newest Python the project supports. And at XLA's
+# default code generation (level 3), as users' programs compile: the other runs compile at level 0
+# (tests/conftest.py), which is faster for the tests' tiny models.
 NEWEST_PYTHON ?= python3.13
 NEWEST := .venv-newest
 test-newest:
 	$(MAKE) VENV=$(NEWEST) PYTHON=$(NEWEST_PYTHON) install
 	$(NEWEST)/bin/python -c "import sys, jax, flax; print('Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
-	$(NEWEST)/bin/python $(PYTEST)
+	XLA_FLAGS="--xla_backend_optimization_level=3 $$XLA_FLAGS" $(NEWEST)/bin/python $(PYTEST)
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(NEWEST) build *.egg-info .pytest_cache .ruff_cache

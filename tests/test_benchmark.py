@@ -147,7 +147,10 @@ def test_peak_of_fake_devices_is_measured_at_once():
         "one = max(one, peak(jax.devices()[:1]))\n"
         "print(jax.device_count(), four / one)\n"
     )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
+    }
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     ).stdout.split()

@@ -57,7 +57,7 @@ _WORKER = textwrap.dedent(
 def _env(devices: int, **extra: str) -> dict:
     return {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}",
         **extra,
     }
 

@@ -774,7 +774,10 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
     script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"))
 
     def run(n: int) -> dict:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+        env = {
+            **os.environ,
+            "XLA_FLAGS": os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={n}",
+        }
         proc = subprocess.run(
             [sys.executable, "-c", script, str(tmp_path / f"d{n}")],
             capture_output=True,
