@@ -1,13 +1,13 @@
 """The benchmark command: figures are present and consistent with each other (timings are not tested)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.test_parallel import devices_env
 from vit_jax import benchmark, models
 
 
@@ -147,12 +147,8 @@ def test_peak_of_fake_devices_is_measured_at_once():
         "one = max(one, peak(jax.devices()[:1]))\n"
         "print(jax.device_count(), four / one)\n"
     )
-    env = {
-        **os.environ,
-        "XLA_FLAGS": os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=4",
-    }
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=devices_env(4), capture_output=True, text=True, check=True
     ).stdout.split()
     assert out[0] == "4" and 0 < float(out[1]) < 2
 

@@ -54,7 +54,9 @@ _WORKER = textwrap.dedent(
 ).format(tests=os.path.join(REPO, "tests"))
 
 
-def _env(devices: int, **extra: str) -> dict:
+def devices_env(devices: int, **extra: str) -> dict:
+    """The environment of a subprocess with `devices` fake CPU devices: this one's, its XLA_FLAGS
+    (tests/conftest.py's) kept, plus `extra`."""
     return {
         **os.environ,
         "XLA_FLAGS": os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={devices}",
@@ -66,7 +68,7 @@ def _single(workdir, devices: int, env=None, **overrides) -> dict:
     """The worker's result, and its stderr under "stderr"."""
     proc = subprocess.run(
         [sys.executable, "-c", _WORKER, str(workdir), json.dumps(overrides)],
-        capture_output=True, text=True, env=_env(devices, **(env or {})), timeout=300, cwd=REPO,
+        capture_output=True, text=True, env=devices_env(devices, **(env or {})), timeout=300, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
@@ -106,7 +108,7 @@ def _multi(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(devices_each, **(env or {})),
+            env=devices_env(devices_each, **(env or {})),
             cwd=REPO,
         )
         for i in range(processes)

@@ -20,6 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from tests.test_parallel import devices_env
 from vit_jax import checkpoint, input_pipeline, models, parallel, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -774,15 +775,11 @@ def test_eight_devices_give_the_same_losses_as_one(tmp_path):
     script = _DEVICE_SCRIPT.format(tests=os.path.join(REPO, "tests"))
 
     def run(n: int) -> dict:
-        env = {
-            **os.environ,
-            "XLA_FLAGS": os.environ["XLA_FLAGS"] + f" --xla_force_host_platform_device_count={n}",
-        }
         proc = subprocess.run(
             [sys.executable, "-c", script, str(tmp_path / f"d{n}")],
             capture_output=True,
             text=True,
-            env=env,
+            env=devices_env(n),
             timeout=300,
             cwd=REPO,
         )
