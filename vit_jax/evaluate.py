@@ -268,7 +268,9 @@ def evaluate_checkpoint(
     return metrics, info.class_names
 
 
-def score(args: argparse.Namespace, run: str | None, model: Any, params: Any) -> tuple:
+def score(
+    args: argparse.Namespace, run: str | None, model: Any, params: Any
+) -> tuple[dict[str, Any], list[str], str]:
     """(metrics, class names, dataset) of `main`'s evaluation: `model` with `params` on the data
     that the options `args` and the run directory `run` (if any) name."""
     from vit_jax import input_pipeline, predict
