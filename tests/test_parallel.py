@@ -222,14 +222,18 @@ def test_cpu_blocks_pick_the_fewest_blocks_under_the_token_budget():
     assert parallel.cpu_blocks(4, 10, 1024) == 1
 
 
-def test_split_rows_interleaves_and_merge_rows_undoes_it():
+def test_blocks_interleave_rows_and_merge_rows_undoes_it():
     x = np.arange(12).reshape(6, 2)
-    s = parallel.split_rows(x, 3)
-    assert s.shape == (3, 2, 2)
-    np.testing.assert_array_equal(s[1], x[[1, 4]])  # block j: rows j, j + 3
-    np.testing.assert_array_equal(parallel.merge_rows(s), x)
-    doubled = parallel.map_in_blocks(lambda b: {"y": 2 * b}, jnp.asarray(x), 3)
-    np.testing.assert_array_equal(doubled["y"], 2 * x)
+    rows = parallel.strided_rows(jnp.asarray(x), 3)
+    assert rows.shape == (2, 3, 2)
+    for j in range(3):  # block j: rows j, j + 3
+        np.testing.assert_array_equal(parallel.rows_block(rows, j), x[[j, j + 3]])
+    blocks = jnp.stack([parallel.rows_block(rows, j) for j in range(3)])
+    np.testing.assert_array_equal(parallel.merge_rows(blocks), x)
+    # Each call of the function sees one block: subtracting the block's first row gives, for row
+    # i, x[i] - x[i % 3].
+    out = parallel.map_in_blocks(lambda b: {"y": b - b[0]}, jnp.asarray(x), 3)
+    np.testing.assert_array_equal(out["y"], x - x[np.arange(6) % 3])
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -133,14 +134,23 @@ def cpu_blocks(rows: int, tokens_per_row: int, max_tokens: int = CPU_BLOCK_TOKEN
     return rows
 
 
-def split_rows(x: jax.Array, blocks: int) -> jax.Array:
-    """(B, ...) -> (blocks, B // blocks, ...); block j holds rows j, j + blocks, ..., so that every
-    block of a batch sharded along its rows is spread over all the devices."""
-    return x.reshape(x.shape[0] // blocks, blocks, *x.shape[1:]).swapaxes(0, 1)
+def strided_rows(x: jax.Array, blocks: int) -> jax.Array:
+    """(B, ...) -> (B // blocks, blocks, ...), a reshape (no copy) whose block j (`rows_block`)
+    holds rows j, j + blocks, ..., so that every block of a batch sharded along its rows is spread
+    over all the devices."""
+    return x.reshape(x.shape[0] // blocks, blocks, *x.shape[1:])
+
+
+def rows_block(x: jax.Array, j: jax.Array | int) -> jax.Array:
+    """Block `j` of `strided_rows`'s (B // blocks, blocks, ...) array: (B // blocks, ...), rows
+    j, j + blocks, ... of the batch. Inside a loop over `j` it is read in place, block by block,
+    instead of the whole batch being copied into block order first."""
+    return jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
 
 
 def merge_rows(x: jax.Array) -> jax.Array:
-    """The inverse of `split_rows`: (blocks, B // blocks, ...) -> (B, ...)."""
+    """(blocks, B // blocks, ...) results of the blocks of `strided_rows` -> (B, ...) in the
+    batch's order."""
     return x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
@@ -149,7 +159,9 @@ def map_in_blocks(fn: Any, x: jax.Array, blocks: int) -> Any:
     (`jax.lax.map`); `fn` returns arrays (or a tree of them) with the rows first."""
     if blocks == 1:
         return fn(x)
-    return jax.tree.map(merge_rows, jax.lax.map(fn, split_rows(x, blocks)))
+    rows = strided_rows(x, blocks)
+    out = jax.lax.map(lambda j: fn(rows_block(rows, j)), jnp.arange(blocks))
+    return jax.tree.map(merge_rows, out)
 
 
 def model_blocks(

@@ -288,7 +288,7 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
     """
     num_devices = mesh.devices.size
     base_key = jax.random.key(config.seed)
-    micro_sharding = NamedSharding(mesh, P(None, "data"))
+    data_sharding = NamedSharding(mesh, P("data"))
 
     def loss_fn(params, images, labels, key, weight=1.0):
         logits = model.apply({"params": params}, images, train=True, rngs={"dropout": key})
@@ -303,23 +303,23 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
         if accum == 1:
             loss, grads = grad_fn(params, batch["image"], batch["label"], key)
         else:
+            # Each micro-batch is read in place in the loop, not copied out of the batch first.
+            rows = {k: parallel.strided_rows(batch[k], accum) for k in ("image", "label")}
 
-            def split(x):
-                return jax.lax.with_sharding_constraint(
-                    parallel.split_rows(x, accum), micro_sharding
-                )
+            def block(name, i):
+                x = parallel.rows_block(rows[name], i)
+                return jax.lax.with_sharding_constraint(x, data_sharding)
 
             # Each micro-batch's loss is weighted by 1/accum, so the sum of their gradients is the
             # mean without another pass over every gradient afterwards.
-            def body(carry, xs):
-                i, images, labels = xs
+            def body(carry, i):
+                images, labels = block("image", i), block("label", i)
                 key_i = jax.random.fold_in(key, i)
                 loss, grads = grad_fn(params, images, labels, key_i, 1.0 / accum)
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            xs = (jnp.arange(accum), split(batch["image"]), split(batch["label"]))
-            (loss, grads), _ = jax.lax.scan(body, zero, xs)
+            (loss, grads), _ = jax.lax.scan(body, zero, jnp.arange(accum))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
             "step": state["step"] + 1,
