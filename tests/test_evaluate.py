@@ -92,8 +92,14 @@ def test_only_a_runs_own_train_split_is_refused(tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().err.strip() == (
         "error: the split 'train[30%:]' shares 2 examples with 'train[:50%]', the split of "
         "cifar10 the run trained on, so the accuracy would count images it trained on: choose a "
-        "--split disjoint from it (without --split: the run's test split)"
+        "--split disjoint from it (left unset, it is the run's own test split)"
     )
+    # From Python the message names the config field that `data_config` takes.
+    config = evaluate.data_config(
+        evaluate.run_settings(str(run)), (32, 32), test_split="train[30%:]"
+    )
+    with pytest.raises(evaluate.EvaluationError, match=r"choose a --config\.test_split disjoint"):
+        evaluate.dataset_info(config, 10)
     assert _evaluate(capsys, "--workdir", str(run), "--split", "train[50%:]")["num_examples"] == 5
     assert _evaluate(capsys, "--workdir", str(run))["num_examples"] == 6  # its test split
     # The same split of the same file, named as another dataset's run: scored.

@@ -189,7 +189,8 @@ def dataset_info(
         raise EvaluationError(
             f"the split {e.test_split!r} shares {e.shared} examples with {e.train_split!r}, the "
             f"split of {config.dataset} the run trained on, so the accuracy would count images it "
-            "trained on: choose a --split disjoint from it (without --split: the run's test split)"
+            "trained on: choose a --config.test_split disjoint from it (left unset, it is the run's "
+            "own test split)"
         ) from None
     check_classes(num_classes, run_labels, info.class_names, info.name)
     return info
