@@ -291,6 +291,26 @@ def test_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
         model.clone(attention="cudnn").apply({"params": params}, images)
 
 
+def test_odd_lengths_are_padded_with_a_token_no_query_attends_to():
+    # JAX's cuDNN attention cannot be differentiated at odd lengths (a class token makes every
+    # ViT's odd), so they are padded by one masked token; the same call through XLA's form here.
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 2, 8))
+    weights = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))
+
+    def loss(attention, q, k, v):
+        return (attention(q, k, v) * weights).sum()
+
+    plain, padded = jax.nn.dot_product_attention, models.even_length_attention
+    assert "pad" in str(jax.make_jaxpr(padded)(q, k, v))
+    assert "pad" not in str(jax.make_jaxpr(padded)(q[:, :4], k[:, :4], v[:, :4]))
+    np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+    grads = jax.grad(loss, argnums=(1, 2, 3))(padded, q, k, v)
+    for got, want in zip(grads, jax.grad(loss, argnums=(1, 2, 3))(plain, q, k, v), strict=True):
+        assert got.shape == want.shape == (2, 5, 2, 8)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert float(jnp.abs(grads[1]).max()) > 0.1  # the keys' gradient is not all zero
+
+
 def test_patch_embedding_is_the_strided_convolution():
     x = jax.random.normal(jax.random.key(0), (2, 12, 8, 3))
     conv = nn.Conv(5, kernel_size=(4, 2), strides=(4, 2), padding="VALID")

@@ -1,5 +1,6 @@
 """Fine-tuning: end-to-end runs (mock CIFAR-10, image folder, digits), accumulation, devices, resume."""
 
+import collections
 import concurrent.futures
 import io
 import json
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -739,6 +741,48 @@ def test_accumulation_and_cpu_blocks_equal_one_big_batch(accum, block_images, mi
     assert abs(l1 - l2) < 1e-6
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
     assert not np.allclose(p1["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
+    # The step as an H100 and a TPU would compile it (bfloat16, the fused attention, the whole
+    # batch at once), lowered for them on this CPU. Its class token makes 5 tokens, odd like 197.
+    from jax._src.cudnn import fused_attention_stablehlo  # JAX's cuDNN attention
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    model = models.get_model(
+        "testing", num_classes=3, num_layers=2, hidden_size=16, num_heads=2, mlp_dim=16,
+        patch_size=(4, 4), dtype=jnp.bfloat16,
+    )  # fmt: skip
+    config = tiny_config(cpu_block_tokens=0)
+    tx = train.make_optimizer(config)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    state = jax.eval_shape(lambda p: train.initial_state(p, tx), params["params"])
+    batch = {
+        "image": jax.ShapeDtypeStruct((8, 8, 8, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((8,), jnp.int32),
+    }
+    cudnn = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+    unchecked = [jax.export.DisabledSafetyCheck.custom_call(name) for name in cudnn]
+    for platform, capability in (("cuda", (9, 0)), ("tpu", None)):
+        monkeypatch.setattr(models, "cuda_compute_capability", lambda device, c=capability: c)
+        step = train.make_train_step(model, tx, config, parallel.data_mesh())  # traced anew
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no falling back to XLA's attention
+            exported = jax.export.export(step, platforms=(platform,), disabled_checks=unchecked)(
+                state, batch
+            )
+        text = exported.mlir_module()
+        calls = collections.Counter(re.findall(r'custom_call @"?([\w$]+)', text))
+        # cuDNN's flash attention forward and backward in both layers on the GPU; XLA's on the TPU.
+        assert {name: calls[name] for name in cudnn} == dict.fromkeys(cudnn, 2 if capability else 0)
+        assert not [name for name in calls if "callback" in name]  # no host round trip in a step
+        assert "stablehlo.while" not in text  # no CPU cache blocks
+        # Every buffer of the state is donated (reused for the new state).
+        assert text.count("tf.aliasing_output") == len(jax.tree.leaves(state))
+        dots = re.findall(r"stablehlo.dot_general .*", text)
+        # All products in bfloat16 but the head's three (forward, two gradients), kept in float32.
+        assert len(dots) > 20 and len([d for d in dots if "bf16" not in d]) == 3
 
 
 def test_evaluation_in_cpu_blocks_equals_the_whole_batch():

@@ -189,11 +189,12 @@ def fused_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, cudnn: bool = False, required: bool = False
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands: cuDNN's flash attention
-    when `cudnn`, else XLA's. If cuDNN refuses the call when it is traced (no cuDNN found, a version
-    without these shapes), XLA's attention is used, with a warning, unless `required` (ValueError)."""
+    when `cudnn` (an odd L padded to an even one, see `even_length_attention`), else XLA's. If cuDNN
+    refuses the call when it is traced (no cuDNN found, a version without these shapes), XLA's
+    attention is used, with a warning, unless `required` (ValueError)."""
     if cudnn:
         try:
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            return even_length_attention(q, k, v, implementation="cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
             reason = first_line(e) or type(e).__name__
             if required:
@@ -208,6 +209,33 @@ def fused_attention(
                 stacklevel=2,
             )
     return jax.nn.dot_product_attention(q, k, v)
+
+
+def even_length_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands, with an odd L padded by one
+    zero token that no query attends to (a padding mask: `key_value_seq_lengths` = L), and the
+    padded query's row dropped from the (N, L, heads, head_dim) result.
+
+    JAX's cuDNN attention (0.8 to 0.12 at least) refuses to be differentiated for odd sequence
+    lengths ("Unsupported sequence length Q 197, KV 197."): its gradient rule applies a check meant
+    for attention biases to every call, biasless ones too. A class token makes every ViT's
+    length odd at the usual sizes (197 tokens at 224 px, 577 at 384 px).
+    """
+    n, length = q.shape[0], q.shape[1]
+    if length % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    pad = ((0, 0), (0, 1), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
+    y = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        key_value_seq_lengths=jnp.full((n,), length, jnp.int32),
+        implementation=implementation,
+    )
+    return y[:, :length]
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
