@@ -511,7 +511,7 @@ def test_summary_table():
 
 def test_flops_count_attention_whichever_kernel_runs_it(monkeypatch):
     # XLA counts no FLOPs for cuDNN's attention (a custom call), so the count is always taken on the
-    # einsum form: on a GPU, ViT-B/16 at 384 px counted 99.1 instead of 111.6 GFLOPs without it.
+    # einsum form: ViT-B/16 at 384 px lowered for CUDA counted 99.1 instead of 111.6 GFLOPs.
     model = models.get_model("ViT-Ti_16", num_classes=10, dtype=jnp.bfloat16)
     einsum = summary.forward_gflops(model, 224)
     assert model.attention_path() == "einsum" and 2.5 < einsum < 2.6  # this CPU's own kernel

@@ -5,10 +5,11 @@
     python -m vit_jax.benchmark --mode input --image_size 384      # preprocessing img/s, CIFAR-shaped
 
 Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
-count of the forward pass, attention counted in its einsum form; a training step counts 3x), achieved GFLOP/s, and that as a percentage of the
-peak matmul GFLOP/s of the same devices and dtype (all devices at once, the best of a few square sizes,
-measured before and after the model; the higher figure counts), and which attention the program runs
-(cuDNN flash attention, XLA's fused form, or XLA:CPU's einsums).
+count of the forward pass, attention counted in its einsum form; a training step counts 3x), achieved
+GFLOP/s, and that as a percentage of the peak matmul GFLOP/s of the same devices and dtype (all devices
+at once, the best of a few square sizes, measured before and after the model; the higher figure
+counts), and which attention the program runs (cuDNN flash attention, XLA's fused form, or XLA:CPU's
+einsums).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def forward_gflops(
     Counts every op XLA counts (a multiply-add is 2 FLOPs); matmuls and convolutions dominate.
     Rematerialisation is switched off for the count: XLA counts a loop's body once. Attention is
     counted in its einsum form whichever kernel the model runs: XLA counts nothing for cuDNN's
-    (a custom call), which left ViT-B/16 at 384 px with 99.1 of its 111.6 GFLOPs on a GPU.
+    (a custom call), which left ViT-B/16 at 384 px lowered for CUDA with 99.1 of its 111.6 GFLOPs.
     """
     model = model.clone(remat=False, attention="einsum")
     h, w = image_hw(image_size)
