@@ -783,6 +783,18 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         dots = re.findall(r"stablehlo.dot_general .*", text)
         # All products in bfloat16 but the head's three (forward, two gradients), kept in float32.
         assert len(dots) > 20 and len([d for d in dots if "bf16" not in d]) == 3
+        # Evaluation (and so predictions) runs the same forward kernels.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            evaluation = jax.export.export(
+                train.make_eval_step(model, cpu_block_tokens=0),
+                platforms=(platform,),
+                disabled_checks=unchecked,
+            )(params["params"], batch)
+        calls = collections.Counter(
+            re.findall(r'custom_call @"?([\w$]+)', evaluation.mlir_module())
+        )
+        assert calls[cudnn[0]] == (2 if capability else 0) and calls[cudnn[1]] == 0
 
 
 def test_evaluation_in_cpu_blocks_equals_the_whole_batch():
