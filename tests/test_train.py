@@ -764,16 +764,19 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
     }
     cudnn = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
     unchecked = [jax.export.DisabledSafetyCheck.custom_call(name) for name in cudnn]
+
+    def lowered(fn, platform, *args):
+        """The StableHLO text of `fn(*args)` exported for `platform`, and its custom calls."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no falling back to XLA's attention
+            exported = jax.export.export(fn, platforms=(platform,), disabled_checks=unchecked)
+            text = exported(*args).mlir_module()
+        return text, collections.Counter(re.findall(r'custom_call @"?([\w$]+)', text))
+
     for platform, capability in (("cuda", (9, 0)), ("tpu", None)):
         monkeypatch.setattr(models, "cuda_compute_capability", lambda device, c=capability: c)
         step = train.make_train_step(model, tx, config, parallel.data_mesh())  # traced anew
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no falling back to XLA's attention
-            exported = jax.export.export(step, platforms=(platform,), disabled_checks=unchecked)(
-                state, batch
-            )
-        text = exported.mlir_module()
-        calls = collections.Counter(re.findall(r'custom_call @"?([\w$]+)', text))
+        text, calls = lowered(step, platform, state, batch)
         # cuDNN's flash attention forward and backward in both layers on the GPU; XLA's on the TPU.
         assert {name: calls[name] for name in cudnn} == dict.fromkeys(cudnn, 2 if capability else 0)
         assert not [name for name in calls if "callback" in name]  # no host round trip in a step
@@ -784,16 +787,8 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         # All products in bfloat16 but the head's three (forward, two gradients), kept in float32.
         assert len(dots) > 20 and len([d for d in dots if "bf16" not in d]) == 3
         # Evaluation (and so predictions) runs the same forward kernels.
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            evaluation = jax.export.export(
-                train.make_eval_step(model, cpu_block_tokens=0),
-                platforms=(platform,),
-                disabled_checks=unchecked,
-            )(params["params"], batch)
-        calls = collections.Counter(
-            re.findall(r'custom_call @"?([\w$]+)', evaluation.mlir_module())
-        )
+        eval_step = train.make_eval_step(model, cpu_block_tokens=0)
+        _, calls = lowered(eval_step, platform, params["params"], batch)
         assert calls[cudnn[0]] == (2 if capability else 0) and calls[cudnn[1]] == 0
 
 
