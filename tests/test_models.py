@@ -1,6 +1,7 @@
 """Model family: parameter counts and names, shapes, dtypes, dropout, errors."""
 
 import collections
+import re
 import subprocess
 import sys
 import types
@@ -309,6 +310,50 @@ def test_odd_lengths_are_padded_with_a_token_no_query_attends_to():
         assert got.shape == want.shape == (2, 5, 2, 8)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(grads[1]).max()) > 0.1  # the keys' gradient is not all zero
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_the_encoder_pads_an_odd_sequence_once_for_cudnn(monkeypatch, remat):
+    # With cuDNN's attention picked (here: the same masked call run in XLA's form), the encoder
+    # makes its 5 tokens 6 for all blocks at once, and the model computes what the einsums compute.
+    monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    monkeypatch.setattr(models, "fused_attention_implementation", lambda dtype, head_dim: "cudnn")
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(q, k, v, *, key_value_seq_lengths=None, implementation=None):
+        calls.append((q.shape[1], implementation, key_value_seq_lengths))
+        return real(q, k, v, key_value_seq_lengths=key_value_seq_lengths)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, hidden_size=16, num_heads=4, dropout_rate=0.0,
+        remat=remat,
+    )  # fmt: skip
+    images, params = _init(model)
+    assert model.num_tokens(32) == 5
+    calls.clear()
+
+    def loss(p, attention):
+        logits = model.clone(attention=attention).apply({"params": p}, images, train=True)
+        return jnp.sum(logits * jnp.arange(1.0, 6.0)), logits
+
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params, "auto")
+    # The 6th token is masked (were it not, the logits below would differ).
+    assert calls and all(c[:2] == (6, "cudnn") and c[2] is not None for c in calls)
+    (_, want), want_grads = jax.value_and_grad(loss, has_aux=True)(params, "einsum")
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-6)
+    # Relative to the largest gradient: the key bias's true gradient is 0 (softmax ignores it).
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g / scale, w / scale, atol=1e-5)
+    # The one pad is the (N, L, D) sequence's, none of q, k or v in a layer.
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images))(params))
+    assert re.findall(r"\S+:(\S+) = pad\[", jaxpr) == ["f32[2,6,16]"]
+    # Attention maps are computed by the einsums, over the 5 real tokens only.
+    _, state = model.apply({"params": params}, images, mutable=["intermediates"])
+    maps = jax.tree.leaves(state["intermediates"])
+    assert len(maps) == 2 and all(m.shape == (2, 4, 5, 5) for m in maps)
 
 
 def test_patch_embedding_is_the_strided_convolution():

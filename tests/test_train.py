@@ -779,6 +779,10 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         text, calls = lowered(step, platform, state, batch)
         # cuDNN's flash attention forward and backward in both layers on the GPU; XLA's on the TPU.
         assert {name: calls[name] for name in cudnn} == dict.fromkeys(cudnn, 2 if capability else 0)
+        # For cuDNN the token sequence is padded from 5 to 6 once (`models.Encoder`), not q, k and
+        # v in every layer; 8x5x16 is the class token's gradient.
+        pads = set(re.findall(r"stablehlo.pad .*-> tensor<(\S+)>", text))
+        assert pads == ({"8x5x16xf32", "8x6x16xf32"} if capability else {"8x5x16xf32"})
         assert not [name for name in calls if "callback" in name]  # no host round trip in a step
         assert "stablehlo.while" not in text  # no CPU cache blocks
         # Every buffer of the state is donated (reused for the new state).

@@ -185,16 +185,40 @@ def attention_path(attention: str, dtype: Dtype, head_dim: int) -> str:
     return attention
 
 
+def layer_attention(
+    attention: str, dtype: Dtype, head_dim: int, *, dropout: bool, keep_weights: bool
+) -> str:
+    """The attention one layer's call runs: `attention_path`'s, except "einsum" for a call with
+    attention dropout (`dropout`) or one that keeps the attention weights (`keep_weights`), which only
+    the einsum form forms."""
+    path = attention_path(attention, dtype, head_dim)
+    return "einsum" if dropout or keep_weights else path
+
+
 def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, cudnn: bool = False, required: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    cudnn: bool = False,
+    required: bool = False,
+    kv_length: int | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands: cuDNN's flash attention
     when `cudnn` (an odd L padded to an even one, see `even_length_attention`), else XLA's. If cuDNN
     refuses the call when it is traced (no cuDNN found, a version without these shapes), XLA's
-    attention is used, with a warning, unless `required` (ValueError)."""
+    attention is used, with a warning, unless `required` (ValueError).
+
+    `kv_length`: the tokens from this index on are padding, which no query attends to (a padding
+    mask); the caller has made L even with them (`Encoder` does, for cuDNN), so none is added here.
+    """
+    lengths = None if kv_length is None else jnp.full((q.shape[0],), kv_length, jnp.int32)
     if cudnn:
         try:
-            return even_length_attention(q, k, v, implementation="cudnn")
+            if lengths is None:
+                return even_length_attention(q, k, v, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
+            )
         except (NotImplementedError, RuntimeError, ValueError) as e:
             reason = first_line(e) or type(e).__name__
             if required:
@@ -208,7 +232,7 @@ def fused_attention(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
 
 
 def even_length_attention(
@@ -221,7 +245,9 @@ def even_length_attention(
     JAX's cuDNN attention (0.8 to 0.12 at least) refuses to be differentiated for odd sequence
     lengths ("Unsupported sequence length Q 197, KV 197."): its gradient rule applies a check meant
     for attention biases to every call, biasless ones too. A class token makes every ViT's
-    length odd at the usual sizes (197 tokens at 224 px, 577 at 384 px).
+    length odd at the usual sizes (197 tokens at 224 px, 577 at 384 px). `Encoder` pads the whole
+    sequence once instead, which spares the copies of q, k, v and the result in every layer; this
+    covers the attention module called on its own.
     """
     n, length = q.shape[0], q.shape[1]
     if length % 2 == 0:
@@ -331,6 +357,9 @@ class MultiHeadDotProductAttention(nn.Module):
     `intermediates/.../attention_weights`). Without that, and without attention dropout, `attention`
     picks the kernel (`attention_path`): by default the fused `jax.nn.dot_product_attention` on
     GPU/TPU (cuDNN flash attention on GPU in bfloat16/float16) and two einsums on CPU.
+
+    `kv_length` (fused kernels only): the tokens from this index on are padding that no query
+    attends to; their rows of the output are computed but mean nothing.
     """
 
     num_heads: int
@@ -340,7 +369,12 @@ class MultiHeadDotProductAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, *, deterministic: bool, rng: jax.Array | None = None
+        self,
+        x: jax.Array,
+        *,
+        deterministic: bool,
+        rng: jax.Array | None = None,
+        kv_length: int | None = None,
     ) -> jax.Array:
         features = x.shape[-1]
         if features % self.num_heads:
@@ -359,15 +393,22 @@ class MultiHeadDotProductAttention(nn.Module):
 
         use_dropout = not deterministic and self.dropout_rate > 0.0
         keep_weights = self.is_mutable_collection("intermediates")
-        path = attention_path(self.attention, self.dtype, head_dim)
-        if path != "einsum" and not (use_dropout or keep_weights):
+        path = layer_attention(
+            self.attention, self.dtype, head_dim, dropout=use_dropout, keep_weights=keep_weights
+        )
+        if path != "einsum":
             y = fused_attention(
                 *(t.astype(self.dtype) for t in (q, k, v)),
                 cudnn=path == "cudnn",
                 required=self.attention == "cudnn",
+                kv_length=kv_length,
             )
             out_axes = (-2, -1)  # (N, L, heads, head_dim)
         else:
+            if kv_length is not None:
+                raise ValueError(
+                    "kv_length (padding tokens) is for the fused attention kernels only"
+                )
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
             q = q / np.sqrt(head_dim).astype(q.dtype)
             q, k, v = (jnp.swapaxes(t, -3, -2).astype(self.dtype) for t in (q, k, v))
@@ -406,7 +447,7 @@ class Encoder1DBlock(nn.Module):
     """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). (N, L, D) -> (N, L, D).
 
     `rng`, when given, is the key of all this block's dropout masks (else they come from the
-    `dropout` rng collection).
+    `dropout` rng collection). `kv_length`: see `MultiHeadDotProductAttention`.
     """
 
     mlp_dim: int
@@ -418,7 +459,11 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, inputs: jax.Array, deterministic: bool, rng: jax.Array | None = None
+        self,
+        inputs: jax.Array,
+        deterministic: bool,
+        rng: jax.Array | None = None,
+        kv_length: int | None = None,
     ) -> jax.Array:
         x = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_0")(inputs)
         x = MultiHeadDotProductAttention(
@@ -427,7 +472,7 @@ class Encoder1DBlock(nn.Module):
             dtype=self.dtype,
             attention=self.attention,
             name="MultiHeadDotProductAttention_1",
-        )(x, deterministic=deterministic, rng=_fold(rng, 0))
+        )(x, deterministic=deterministic, rng=_fold(rng, 0), kv_length=kv_length)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic, rng=_fold(rng, 1))
         x = x + inputs
         y = nn.LayerNorm(dtype=self.dtype, name="LayerNorm_2")(x)
@@ -450,6 +495,13 @@ class Encoder(nn.Module):
     nothing on XLA:CPU: the compiled step's temporaries stayed the same size.) Either way block i's
     dropout masks come from key i of the `dropout` rng split per layer, so remat draws the same masks.
     The parameter tree keeps the published per-block names either way.
+
+    Where the blocks run cuDNN's attention on an odd number of tokens (every class-token model at the
+    usual sizes), the sequence gets one zero token at the end for the blocks and loses it after them:
+    JAX cannot differentiate cuDNN's attention at odd lengths (`even_length_attention`), and one pad
+    here spares every layer its own copies of q, k, v and the result. No query attends to that token
+    (a padding mask), so the real tokens' outputs are unchanged; dropout draws its masks at the
+    padded shape.
     """
 
     num_layers: int
@@ -465,6 +517,17 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+        length = x.shape[1]
+        path = layer_attention(
+            self.attention,
+            self.dtype,
+            x.shape[-1] // self.num_heads,
+            dropout=train and self.attention_dropout_rate > 0,
+            keep_weights=self.is_mutable_collection("intermediates"),
+        )
+        kv_length = length if length % 2 and path == "cudnn" else None
+        if kv_length is not None:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
         block = functools.partial(
             Encoder1DBlock,
             mlp_dim=self.mlp_dim,
@@ -485,13 +548,20 @@ class Encoder(nn.Module):
         if not scanned:
             for i in range(self.num_layers):
                 key = None if keys is None else keys[i]
-                x = block(name=f"encoderblock_{i}")(x, not train, key)
+                x = block(name=f"encoderblock_{i}")(x, not train, key, kv_length)
         else:
-            x = self._scanned_blocks(block(parent=None), x, not train, keys)
+            x = self._scanned_blocks(block(parent=None), x, not train, keys, kv_length)
+        if kv_length is not None:
+            x = x[:, :length]
         return nn.LayerNorm(name="encoder_norm")(x.astype(jnp.float32))
 
     def _scanned_blocks(
-        self, block: nn.Module, x: jax.Array, deterministic: bool, keys: jax.Array | None
+        self,
+        block: nn.Module,
+        x: jax.Array,
+        deterministic: bool,
+        keys: jax.Array | None,
+        kv_length: int | None,
     ) -> jax.Array:
         """All blocks as `scan(checkpoint(block))` over their parameters, stacked on a new axis 0,
         and their dropout keys (None: no dropout)."""
@@ -502,7 +572,7 @@ class Encoder(nn.Module):
         @jax.checkpoint
         def step(y: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
             p, key = layer
-            return block.apply({"params": p}, y, deterministic, key), None
+            return block.apply({"params": p}, y, deterministic, key, kv_length), None
 
         x, _ = jax.lax.scan(step, x, (stacked, keys))
         return x
