@@ -310,6 +310,11 @@ def test_odd_lengths_are_padded_with_a_token_no_query_attends_to():
         assert got.shape == want.shape == (2, 5, 2, 8)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert float(jnp.abs(grads[1]).max()) > 0.1  # the keys' gradient is not all zero
+    # A caller's own mask (here 3 of the 5 keys) holds with the padding too.
+    lengths = jnp.array([3, 3], jnp.int32)
+    masked = plain(q, k, v, key_value_seq_lengths=lengths)
+    assert not np.allclose(masked, plain(q, k, v), atol=1e-3)
+    np.testing.assert_allclose(padded(q, k, v, lengths), masked, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("remat", [False, True])

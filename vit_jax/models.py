@@ -214,11 +214,7 @@ def fused_attention(
     lengths = None if kv_length is None else jnp.full((q.shape[0],), kv_length, jnp.int32)
     if cudnn:
         try:
-            if lengths is None:
-                return even_length_attention(q, k, v, implementation="cudnn")
-            return jax.nn.dot_product_attention(
-                q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
-            )
+            return even_length_attention(q, k, v, lengths, implementation="cudnn")
         except (NotImplementedError, RuntimeError, ValueError) as e:
             reason = first_line(e) or type(e).__name__
             if required:
@@ -236,11 +232,16 @@ def fused_attention(
 
 
 def even_length_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    key_value_seq_lengths: jax.Array | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` of (N, L, heads, head_dim) operands, with an odd L padded by one
-    zero token that no query attends to (a padding mask: `key_value_seq_lengths` = L), and the
-    padded query's row dropped from the (N, L, heads, head_dim) result.
+    zero token that no query attends to (a padding mask: `key_value_seq_lengths`, (N,) int32, L
+    unless given, and at most L), and the padded query's row dropped from the (N, L, heads, head_dim)
+    result. An even L is passed through as it is.
 
     JAX's cuDNN attention (0.8 to 0.12 at least) refuses to be differentiated for odd sequence
     lengths ("Unsupported sequence length Q 197, KV 197."): its gradient rule applies a check meant
@@ -250,18 +251,14 @@ def even_length_attention(
     covers the attention module called on its own.
     """
     n, length = q.shape[0], q.shape[1]
+    attend = functools.partial(jax.nn.dot_product_attention, implementation=implementation)
     if length % 2 == 0:
-        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        return attend(q, k, v, key_value_seq_lengths=key_value_seq_lengths)
+    if key_value_seq_lengths is None:
+        key_value_seq_lengths = jnp.full((n,), length, jnp.int32)
     pad = ((0, 0), (0, 1), (0, 0), (0, 0))
     q, k, v = (jnp.pad(t, pad) for t in (q, k, v))
-    y = jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        key_value_seq_lengths=jnp.full((n,), length, jnp.int32),
-        implementation=implementation,
-    )
-    return y[:, :length]
+    return attend(q, k, v, key_value_seq_lengths=key_value_seq_lengths)[:, :length]
 
 
 def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
