@@ -135,3 +135,105 @@ def test_launched_as_command(monkeypatch, orig_argv, argv0, expected):
     monkeypatch.setattr(sys, "orig_argv", orig_argv)
     monkeypatch.setattr(sys, "argv", [argv0])
     assert commands.launched_as_command() is expected
+
+
+@pytest.mark.parametrize(
+    "environ, thp_mode, libc, expected",
+    [
+        ({}, "madvise", "glibc 2.36", "glibc.malloc.hugetlb=1"),
+        (
+            {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+            "madvise",
+            "glibc 2.35",
+            "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1",
+        ),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "madvise", "glibc 2.36", None),  # opted out
+        ({}, "always", "glibc 2.36", None),  # the kernel gives huge pages already
+        ({}, "never", "glibc 2.36", None),
+        ({}, None, "glibc 2.36", None),  # no THP setting to read
+        ({}, "madvise", "glibc 2.34", None),  # before the tunable
+        ({}, "madvise", None, None),  # not glibc (musl)
+        ({}, "madvise", "glibc unknown", None),
+    ],
+)
+def test_huge_pages_environment(environ, thp_mode, libc, expected):
+    env = commands.huge_pages_environment({"PATH": "/bin", **environ}, thp_mode, libc)
+    if expected is None:
+        assert env is None
+    else:
+        assert env == {"PATH": "/bin", **environ, "GLIBC_TUNABLES": expected}
+        assert commands.huge_pages_setting(env) == "1"
+
+
+def test_use_huge_pages_restarts_only_a_command_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(commands, "_thp_mode", lambda: "madvise")
+    monkeypatch.setattr(os, "confstr", lambda name: "glibc 2.36")
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    orig_argv = [sys.executable, "-X", "dev", "-m", "vit_jax.train", "--model", "ViT-B_16"]
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    commands.use_huge_pages()
+    assert len(calls) == 1
+    path, argv, env = calls[0]
+    assert path == sys.executable and argv == orig_argv
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1" and env["PATH"] == os.environ["PATH"]
+    # Not where vit_jax is imported by other code (here, pytest), nor once the tunable is set.
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest"])
+    commands.use_huge_pages()
+    # Nor in a multiprocessing child given the command's sys.argv, whose own command line is not it.
+    monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-c", "...", "--multiprocessing-fork"])
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/vit-train", "--model", "ViT-B_16"])
+    commands.use_huge_pages()
+    # The console script itself does restart.
+    script = [sys.executable, "/venv/bin/vit-train", "--model", "ViT-B_16"]
+    monkeypatch.setattr(sys, "orig_argv", script)
+    commands.use_huge_pages()
+    assert len(calls) == 2 and calls[1][1] == script
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+    commands.use_huge_pages()
+    assert len(calls) == 2
+
+
+# A command's process as the restart sees it: a script named `vit-summary` that imports vit_jax
+# (which restarts it, running the script again), then has glibc's malloc map 64 MiB and touches it,
+# as XLA:CPU does with its temporaries (NumPy would ask for huge pages for its arrays itself).
+_SCRIPT = """
+import ctypes, os
+print("pid", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+import vit_jax
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+buffer = libc.malloc(64 << 20)
+ctypes.memset(buffer, 1, 64 << 20)
+rollup = open("/proc/self/smaps_rollup").read()
+print("huge", int(rollup.split("AnonHugePages:")[1].split()[0]) // 1024, flush=True)
+"""
+
+
+def test_a_command_process_restarts_with_huge_pages(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    thp, libc = commands._thp_mode(), os.confstr("CS_GNU_LIBC_VERSION")
+    if commands.huge_pages_environment(env, thp, libc) is None:
+        pytest.skip(f"no restart on this machine: {libc}, transparent huge pages {thp}")
+    script = tmp_path / "vit-summary"
+    script.write_text(_SCRIPT)
+
+    def child(extra):
+        out = subprocess.run(
+            [sys.executable, str(script)], env={**env, **extra}, capture_output=True,
+            text=True, check=True, timeout=120,
+        ).stdout.split("\n")  # fmt: skip
+        return [line.split() for line in out if line]
+
+    restarted = child({})
+    # One process (the same PID) ran the code twice: first as started, then with the tunable.
+    assert [r[0] for r in restarted] == ["pid", "pid", "huge"]
+    assert restarted[0][1] == restarted[1][1]
+    assert restarted[0][2] == "None" and restarted[1][2] == "glibc.malloc.hugetlb=1"
+    assert int(restarted[2][1]) >= 32  # MiB of the array on 2 MiB pages
+    # The user's own setting is kept: no restart, no huge pages.
+    kept = child({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert [r[0] for r in kept] == ["pid", "huge"] and int(kept[1][1]) < 32

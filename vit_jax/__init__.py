@@ -10,7 +10,9 @@ from typing import Any
 
 from vit_jax import commands
 
-commands.quiet_start()  # only when this process is `python -m vit_jax...` or a `vit-X` script
+# Only when this process is `python -m vit_jax...` or a `vit-X` script:
+commands.quiet_start()
+commands.use_huge_pages()  # may restart the process, before anything else runs
 
 __version__ = "0.1.0"
 

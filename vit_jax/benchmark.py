@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import first_line, interruptible, nonnegative_int, positive_int, prog
+from vit_jax.commands import (
+    first_line,
+    huge_pages_setting,
+    interruptible,
+    nonnegative_int,
+    positive_int,
+    prog,
+)
 
 
 def _time(fn: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
@@ -146,7 +153,7 @@ def run(
     result: dict[str, Any] = {
         "model": model_name, "mode": mode, "dtype": dtype, "batch": batch, "image_size": image_size,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-        "remat": remat, "shard_params": shard_params,
+        "remat": remat, "shard_params": shard_params, "glibc_hugetlb": huge_pages_setting(),
     }  # fmt: skip
     if batch < 1 or steps < 1 or image_size < 1:
         raise ValueError(
@@ -377,7 +384,8 @@ def _print_memory(r: dict[str, Any]) -> None:
             + (" (remat)" if r["remat"] else "")
             + (" (FSDP)" if r["shard_params"] else "")
         )
-    print(f"peak host memory   {r['peak_rss_gib']:.2f} GiB (process max RSS)")
+    pages = "huge pages" if r.get("glibc_hugetlb") in ("1", "2") else "4 KiB pages"
+    print(f"peak host memory   {r['peak_rss_gib']:.2f} GiB (process max RSS; glibc: {pages})")
 
 
 if __name__ == "__main__":

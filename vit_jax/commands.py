@@ -8,11 +8,12 @@ import contextlib
 import functools
 import importlib
 import os
+import re
 import secrets
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -101,6 +102,83 @@ def launched_as_command() -> bool:
         if module == "vit_jax" or module.startswith("vit_jax."):
             return True
     return bool(sys.argv) and os.path.basename(sys.argv[0]) in COMMANDS
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_environment(
+    environ: Mapping[str, str], thp_mode: str | None, libc_version: str | None
+) -> dict[str, str] | None:
+    """The environment to restart a command's process with so that glibc asks the kernel for
+    transparent huge pages (`glibc.malloc.hugetlb=1` added to GLIBC_TUNABLES), or None where that
+    would change nothing or is not wanted.
+
+    `thp_mode`: the kernel's setting (the bracketed word of `THP_MODE_FILE`): only "madvise" gives
+    huge pages to memory that asks and to no other ("always" already gives them, "never" never
+    does). `libc_version`: `os.confstr("CS_GNU_LIBC_VERSION")`, e.g. "glibc 2.36"; the tunable
+    exists from glibc 2.35 on. A GLIBC_TUNABLES that already names the tunable is the user's
+    choice (`glibc.malloc.hugetlb=0` keeps huge pages off) and is left alone.
+    """
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if thp_mode != "madvise" or huge_pages_setting(environ) is not None:
+        return None
+    name, _, version = (libc_version or "").partition(" ")
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return None
+    if name != "glibc" or (major, minor) < (2, 35):
+        return None
+    setting = f"{HUGE_PAGES_TUNABLE}=1"
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{setting}" if tunables else setting}
+
+
+def huge_pages_setting(environ: Mapping[str, str] | None = None) -> str | None:
+    """The value GLIBC_TUNABLES gives `glibc.malloc.hugetlb` in `environ` (default: this process's
+    environment), e.g. "1" after `use_huge_pages`; None when it is not set."""
+    tunables = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
+    pairs = [t.partition("=") for t in tunables.split(":")]
+    values = [value for name, _, value in pairs if name == HUGE_PAGES_TUNABLE]
+    return values[-1] if values else None
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open(THP_MODE_FILE) as f:
+            text = f.read()
+    except OSError:
+        return None
+    selected = re.search(r"\[(\w+)\]", text)
+    return selected.group(1) if selected else None
+
+
+def use_huge_pages() -> None:
+    """Restarts this process (`os.execve`: the same PID, interpreter, arguments and environment)
+    with glibc's transparent huge pages on (`huge_pages_environment`), before anything else has
+    run. Only in a command's own process on Linux, never where the package is imported by other
+    code; where the restart cannot happen, the command runs as it is.
+
+    XLA:CPU maps every execution's temporary buffers afresh and unmaps them afterwards, so each
+    training step faults all of them in again, 4 KiB at a time: 374k page faults and about 0.8 s of
+    kernel time per ViT-B/16 training step at batch 8 (1.4 GiB of temporaries) on a 2-core machine.
+    With huge pages glibc asks for 2 MiB pages for such buffers (madvise), about 1,000 faults a step.
+    glibc reads the tunable once, when the process starts, hence the restart.
+    """
+    orig_argv = getattr(sys, "orig_argv", [])
+    if sys.platform != "linux" or not sys.executable or not launched_as_command():
+        return
+    # The command must be this process's own command line: a multiprocessing child that was given
+    # its parent's sys.argv would start over without the data its parent already sent it.
+    if "-m" not in orig_argv[1:-1] and (not sys.argv or sys.argv[0] not in orig_argv):
+        return
+    with contextlib.suppress(ValueError, OSError):
+        environ = huge_pages_environment(os.environ, _thp_mode(), os.confstr("CS_GNU_LIBC_VERSION"))
+        if environ is not None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, [sys.executable, *orig_argv[1:]], environ)
 
 
 def quiet_start() -> None:
