@@ -162,7 +162,7 @@ def use_huge_pages() -> None:
 
     XLA:CPU maps every execution's temporary buffers afresh and unmaps them afterwards, so each
     training step faults all of them in again, 4 KiB at a time: 374k page faults and about 0.8 s of
-    kernel time per ViT-B/16 training step at batch 8 (1.4 GiB of temporaries) on a 2-core machine.
+    kernel time per ViT-B/16 bfloat16 training step at batch 8 (1.4 GiB of temporaries) on 2 cores.
     With huge pages glibc asks for 2 MiB pages for such buffers (madvise), about 1,000 faults a step.
     glibc reads the tunable once, when the process starts, hence the restart.
     """
