@@ -24,6 +24,7 @@ def test_infer_and_train_figures_are_consistent():
         assert r["compile_s"] > 0 and r["peak_matmul_gflops"] > 0
     assert train["gflops_per_image"] == pytest.approx(3 * infer["gflops_per_image"])
     assert infer["micro_batches"] == train["micro_batches"] == 1  # 4 images x 5 tokens: one block
+    assert infer["blocks_at_once"] == train["blocks_at_once"] == 1
 
 
 def test_cpu_blocks_are_reported(monkeypatch):
@@ -31,8 +32,12 @@ def test_cpu_blocks_are_reported(monkeypatch):
     monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a, **k: 100.0)
     for mode in ("infer", "train"):
         r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=10)
+        # Two blocks side by side in a training step, one at a time for inference (as evaluation).
         assert r["micro_batches"] == 2 and r["img_s"] > 0
+        assert r["blocks_at_once"] == (2 if mode == "train" else 1)
         assert r["attention"] == "einsum"  # XLA:CPU's
+        r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=5, cpu_blocks_at_once=3)
+        assert r["micro_batches"] == 4 and r["blocks_at_once"] == 3
 
 
 def test_the_attention_that_ran_is_read_from_the_program(monkeypatch):
@@ -77,7 +82,12 @@ def test_bad_model_or_image_size_gets_one_line(capsys):
 
 
 def test_bad_numbers_are_refused():
-    for option, value in (("--batch", "0"), ("--steps", "0"), ("--cpu_block_tokens", "-1")):
+    for option, value in (
+        ("--batch", "0"),
+        ("--steps", "0"),
+        ("--cpu_block_tokens", "-1"),
+        ("--cpu_blocks_at_once", "0"),
+    ):
         with pytest.raises(SystemExit) as e:
             benchmark.main(["--model", "testing", option, value])
         assert e.value.code == 2  # argparse's usage error, before anything is built

@@ -4,6 +4,7 @@ remat switches, bfloat16 tolerance. Each run is a subprocess with its own fake d
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -234,6 +235,20 @@ def test_blocks_interleave_rows_and_merge_rows_undoes_it():
     # i, x[i] - x[i % 3].
     out = parallel.map_in_blocks(lambda b: {"y": b - b[0]}, jnp.asarray(x), 3)
     np.testing.assert_array_equal(out["y"], x - x[np.arange(6) % 3])
+
+
+# (blocks, at once, the compiled loop's trips): 12 rows; a remainder is peeled off the loop.
+@pytest.mark.parametrize(
+    "blocks, at_once, trips", [(4, 1, [4]), (4, 2, [2]), (6, 4, []), (12, 5, [2])]
+)
+def test_map_in_blocks_computes_blocks_side_by_side(blocks, at_once, trips):
+    x = np.arange(36, dtype=np.float32).reshape(12, 3)
+    fn = jax.jit(lambda x: parallel.map_in_blocks(lambda b: {"y": b - b[0]}, x, blocks, at_once))
+    np.testing.assert_array_equal(fn(x)["y"], x - x[np.arange(12) % blocks])
+    text = fn.lower(x).compile().as_text()
+    assert [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', text)] == trips
+    assert parallel.blocks_at_once(blocks, at_once) == min(blocks, at_once)
+    assert parallel.blocks_at_once(1, at_once) == 1
 
 
 def test_bfloat16_training_stays_close_to_float32(tmp_path):

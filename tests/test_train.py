@@ -743,6 +743,52 @@ def test_accumulation_and_cpu_blocks_equal_one_big_batch(accum, block_images, mi
     assert not np.allclose(p1["head"]["kernel"], params["head"]["kernel"])
 
 
+# (accum_steps, images per CPU block, cpu_blocks_at_once, micro-batches, loop trips side by side):
+# 8 rows of the testing model at 32 px (5 tokens an image).
+@pytest.mark.parametrize(
+    "accum, block_images, at_once, micro, trips",
+    [(1, 2, 0, 4, 2), (1, 1, 2, 8, 4), (1, 1, 3, 8, 2), (2, 2, 0, 4, 2), (2, 0, 2, 2, 2)],
+)
+def test_cpu_blocks_side_by_side_give_the_same_update(accum, block_images, at_once, micro, trips):
+    model = models.get_model("testing", num_classes=3, dropout_rate=0.0, hidden_size=16, mlp_dim=16)
+    mesh = parallel.data_mesh()
+    images = jax.random.uniform(jax.random.key(0), (8, 32, 32, 3), minval=-1, maxval=1)
+    batch = {"image": images, "label": jnp.array([0, 1, 2, 0, 1, 2, 0, 1])}
+    params = model.init(jax.random.key(1), images[:1])["params"]
+    params["head"]["kernel"] = 0.1 * jax.random.normal(jax.random.key(2), (16, 3))
+
+    def one_step(at_once):
+        config = tiny_config(accum_steps=accum, batch=8, warmup_steps=0, base_lr=0.1)
+        config.cpu_block_tokens = block_images * model.num_tokens(32)
+        config.cpu_blocks_at_once = at_once
+        tx = train.make_optimizer(config)
+        step = train.make_train_step(model, tx, config, mesh)
+        state = jax.tree.map(jnp.copy, train.initial_state(params, tx))
+        text = step.lower(state, batch).compile().as_text()
+        new, metrics = step(state, batch)
+        trips = re.findall(r'known_trip_count":\{"n":"(\d+)"', text)
+        return new["params"], float(metrics["loss"]), [int(n) for n in trips]
+
+    p1, l1, loops1 = one_step(1)
+    p2, l2, loops2 = one_step(at_once)
+    # One loop over the micro-batches, one a trip; side by side it takes `at_once` a trip (0, the
+    # default, is 2 for a model this narrow; XLA may peel a remainder). accum_steps alone (no CPU blocks: as on GPU/TPU) stays one a trip, since
+    # two at once would double the memory that accumulation is there to save.
+    assert loops1 == [micro]
+    assert loops2 == [trips]
+    assert abs(l1 - l2) < 1e-6
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), p1, p2)
+    assert not np.allclose(p2["head"]["kernel"], params["head"]["kernel"])
+
+
+def test_blocks_side_by_side_by_default_up_to_vit_b_width():
+    assert train.default_config().cpu_blocks_at_once == 0  # auto
+    widths = [models.get_model(name).hidden_size for name in ("ViT-Ti_16", "ViT-B_16", "ViT-L_16")]
+    assert [parallel.train_blocks_at_once(w) for w in widths] == [2, 2, 1]
+    assert parallel.train_blocks_at_once(1024, 3) == 3  # asked for
+    assert parallel.blocks_at_once(1, 2) == 1 and parallel.blocks_at_once(8, 3) == 3
+
+
 def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
     # The step as an H100 and a TPU would compile it (bfloat16, the fused attention, the whole
     # batch at once), lowered for them on this CPU. Its class token makes 5 tokens, odd like 197.
@@ -1032,6 +1078,8 @@ def test_bad_batch_is_a_clear_error():
         ({"warmup_steps": -1}, r"^warmup_steps=-1 must be >= 0$"),
         ({"weight_decay": -1.0}, r"^weight_decay=-1.0 must be >= 0$"),
         ({"grad_norm_clip": -1.0}, r"^grad_norm_clip=-1.0 must be >= 0 \(0 = off\)$"),
+        ({"cpu_block_tokens": -1}, r"^cpu_block_tokens=-1 must be >= 0 \(0 turns blocking off\)$"),
+        ({"cpu_blocks_at_once": -1}, r"^cpu_blocks_at_once=-1 must be >= 0 \(0 = auto, 1 = one"),
         ({"momentum": 1.0}, r"^momentum=1.0 must be in \[0, 1\)$"),
         ({"crop_area": (0.5, 0.2)}, r"^crop_area=\(0.5, 0.2\): use 0 < min <= max <= 1$"),
         ({"image_size": -8}, r"^image_size=-8: use a positive number of pixels"),

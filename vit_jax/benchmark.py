@@ -130,6 +130,7 @@ def run(
     shard_params: bool = False,
     cpu_block_tokens: int | None = None,
     attention: str = "auto",
+    cpu_blocks_at_once: int | None = None,
 ) -> dict[str, Any]:
     """Measures one configuration; returns the figures as a dict.
 
@@ -137,7 +138,10 @@ def run(
     and batch, and temporaries, i.e. activations and gradients) and the process's peak RSS. A step that
     runs out of memory returns those figures with an `error` instead of timings.
     `cpu_block_tokens` (None: the default, `parallel.CPU_BLOCK_TOKENS`) sets the CPU cache blocking
-    (`parallel.cpu_blocks`); the result's `micro_batches` says in how many blocks a step ran.
+    (`parallel.cpu_blocks`) and `cpu_blocks_at_once` how many blocks run side by side (None: as
+    training and evaluation run them, `parallel.train_blocks_at_once` and 1); the result's
+    `micro_batches` says in how many blocks a step ran and `blocks_at_once` how many of them at a
+    time (`parallel.blocks_at_once`).
     `attention` is the model's attention setting (`models.ATTENTION`); the result's `attention` is
     the kernel the compiled program runs. `dtype` "auto" is `models.default_compute_dtype()`.
     """
@@ -195,7 +199,10 @@ def run(
         max_tokens = parallel.CPU_BLOCK_TOKENS if cpu_block_tokens is None else cpu_block_tokens
         n_dev = jax.device_count()
         result["micro_batches"] = parallel.model_blocks(model, images.shape, n_dev, max_tokens)
-        forward = jax.jit(lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens))
+        at_once = cpu_blocks_at_once or 1  # as evaluation and predictions
+        forward = jax.jit(
+            lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens, at_once)
+        )
         t0 = time.perf_counter()
         lowered = forward.lower(params, images)
         compiled = lowered.compile()
@@ -208,6 +215,8 @@ def run(
         config.optimizer, config.momentum_dtype = "sgd", "float32"
         if cpu_block_tokens is not None:
             config.cpu_block_tokens = cpu_block_tokens
+        config.cpu_blocks_at_once = cpu_blocks_at_once or 0  # 0: auto, as in training
+        at_once = parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once)
         result["micro_batches"] = train.micro_batches(
             model, config, images.shape, jax.device_count()
         )
@@ -253,6 +262,7 @@ def run(
     else:
         raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
 
+    result["blocks_at_once"] = parallel.blocks_at_once(result["micro_batches"], at_once)
     median = statistics.median(times)
     result["peak_rss_gib"] = _peak_rss_gib()
     result["attention"] = attention_kernel(lowered, path)
@@ -335,6 +345,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="CPU: run the batch in blocks of at most this many tokens per device, one after "
         "another (0 = the whole batch at once; default 1024)",
     )
+    parser.add_argument(
+        "--cpu_blocks_at_once",
+        type=positive_int,
+        default=None,
+        help="CPU: compute this many of those blocks side by side (default: as training and "
+        "evaluation do, for train 2 up to ViT-B's width and 1 above, for infer 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -342,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
             remat=args.remat, shard_params=args.shard_params,
             cpu_block_tokens=args.cpu_block_tokens, attention=args.attention,
+            cpu_blocks_at_once=args.cpu_blocks_at_once,
         )  # fmt: skip
     except ValueError as e:  # an unknown model, an image size the patch size does not divide
         print(f"error: {e}", file=sys.stderr)
@@ -362,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"compile            {r['compile_s']:.2f} s")
     print(
         f"median step        {1000 * r['median_step_s']:.1f} ms"
-        + (f" (in {r['micro_batches']} blocks)" if r.get("micro_batches", 1) > 1 else "")
+        + (
+            f" (in {r['micro_batches']} blocks, {r['blocks_at_once']} at a time)"
+            if r.get("micro_batches", 1) > 1
+            else ""
+        )
     )
     print(f"throughput         {r['img_s']:.1f} img/s ({r['img_s_per_device']:.1f} per device)")
     print(

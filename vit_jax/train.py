@@ -93,6 +93,9 @@ def default_config() -> ml_collections.ConfigDict:
     # CPU only: run each device's micro-batch in blocks of at most this many tokens, one after
     # another, so that a block's activations stay in cache (same update; 0 = off).
     c.cpu_block_tokens = parallel.CPU_BLOCK_TOKENS
+    # CPU only: how many of those blocks a training step runs side by side (more memory; 1 = one
+    # after another; 0 = auto: 2 for models up to ViT-B's width, else 1). Evaluation takes one.
+    c.cpu_blocks_at_once = 0
     c.seed = 0
     c.log_every = 50
     c.eval_every = 1000
@@ -181,6 +184,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     require(
         config.cpu_block_tokens >= 0,
         f"cpu_block_tokens={config.cpu_block_tokens} must be >= 0 (0 turns blocking off)",
+    )
+    require(
+        config.cpu_blocks_at_once >= 0,
+        f"cpu_blocks_at_once={config.cpu_blocks_at_once} must be >= 0 (0 = auto, 1 = one at a time)",
     )
     require(
         config.decay_type in ("cosine", "linear"),
@@ -281,9 +288,10 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
     """The pure update `(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     The batch is split into `micro_batches(...)` interleaved micro-batches (rows i, i+k, ...): the
-    `accum_steps` asked for, times the CPU cache blocks. Each device's shard holds its part of every
-    micro-batch; gradients are averaged over them, so the update is the whole batch's. Dropout keys
-    are `fold_in(key(seed), step)` (and the micro-batch index): they do not depend on the device count.
+    `accum_steps` asked for, times the CPU cache blocks (`parallel.blocks_at_once` of those computed
+    side by side). Each device's shard holds its part of every micro-batch; gradients are averaged
+    over them, so the update is the whole batch's. Dropout keys are `fold_in(key(seed), step)` (and
+    the micro-batch index): they do not depend on the device count.
     `state_sharding` (a tree like the state) pins where the updated state lives, e.g. FSDP shards.
     """
     num_devices = mesh.devices.size
@@ -300,6 +308,11 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
         params = state["params"]
         key = jax.random.fold_in(base_key, state["step"])
         accum = micro_batches(model, config, batch["image"].shape, num_devices)
+        # Side by side only for CPU cache blocks (1 a micro-batch on GPU/TPU), not for accum_steps.
+        at_once = parallel.blocks_at_once(
+            accum // config.accum_steps,
+            parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once),
+        )
         if accum == 1:
             loss, grads = grad_fn(params, batch["image"], batch["label"], key)
         else:
@@ -319,7 +332,7 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
                 return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
             zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-            (loss, grads), _ = jax.lax.scan(body, zero, jnp.arange(accum))
+            (loss, grads), _ = jax.lax.scan(body, zero, jnp.arange(accum), unroll=at_once)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {
             "step": state["step"] + 1,
@@ -340,7 +353,7 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
 
 def make_eval_step(model, cpu_block_tokens: int = parallel.CPU_BLOCK_TOKENS):
     """`(params, batch) -> (predicted class, loss)` per example, jitted; on CPU in blocks of at most
-    `cpu_block_tokens` tokens per device (see `parallel.cpu_blocks`)."""
+    `cpu_block_tokens` tokens per device (see `parallel.cpu_blocks`), one after another."""
 
     def eval_step(params, batch):
         logits = parallel.apply_in_blocks(
@@ -1152,6 +1165,7 @@ _PLAIN_FLAGS = [
     "batch_eval",
     "accum_steps",
     "cpu_block_tokens",
+    "cpu_blocks_at_once",
     "base_lr",
     "decay_type",
     "grad_norm_clip",
@@ -1231,6 +1245,13 @@ def _define_flags():
         "CPU only: cut each device's micro-batch further into blocks of at most this many tokens "
         "(patches), run one after another, so that their activations stay in cache: the same update, "
         f"ViT-Ti/16 steps 1.6x faster on a 2-core CPU; 0 = off (default {d.cpu_block_tokens}).",
+    )
+    f.DEFINE_integer(
+        "cpu_blocks_at_once",
+        None,
+        "CPU only: a training step computes this many of those blocks side by side, so that "
+        "their small products keep the cores busy (more memory; 1 = one after another; "
+        "0 = auto, the default: 2 for models up to ViT-B's width, 768, else 1).",
     )
     f.DEFINE_float("base_lr", None, f"Peak learning rate (default {d.base_lr}).")
     f.DEFINE_enum(
