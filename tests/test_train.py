@@ -772,8 +772,9 @@ def test_cpu_blocks_side_by_side_give_the_same_update(accum, block_images, at_on
     p1, l1, loops1 = one_step(1)
     p2, l2, loops2 = one_step(at_once)
     # One loop over the micro-batches, one a trip; side by side it takes `at_once` a trip (0, the
-    # default, is 2 for a model this narrow; XLA may peel a remainder). accum_steps alone (no CPU blocks: as on GPU/TPU) stays one a trip, since
-    # two at once would double the memory that accumulation is there to save.
+    # default, is 2 for a model this narrow; XLA may peel a remainder). accum_steps alone (no CPU
+    # blocks: as on GPU/TPU) stays one a trip, since two at once would double the memory that
+    # accumulation is there to save.
     assert loops1 == [micro]
     assert loops2 == [trips]
     assert abs(l1 - l2) < 1e-6

@@ -139,9 +139,9 @@ def run(
     runs out of memory returns those figures with an `error` instead of timings.
     `cpu_block_tokens` (None: the default, `parallel.CPU_BLOCK_TOKENS`) sets the CPU cache blocking
     (`parallel.cpu_blocks`) and `cpu_blocks_at_once` how many blocks run side by side (None: as
-    training and evaluation run them, `parallel.train_blocks_at_once` and 1); the result's
+    training and evaluation run them, `train.blocks_side_by_side` and 1); the result's
     `micro_batches` says in how many blocks a step ran and `blocks_at_once` how many of them at a
-    time (`parallel.blocks_at_once`).
+    time.
     `attention` is the model's attention setting (`models.ATTENTION`); the result's `attention` is
     the kernel the compiled program runs. `dtype` "auto" is `models.default_compute_dtype()`.
     """
@@ -200,6 +200,7 @@ def run(
         n_dev = jax.device_count()
         result["micro_batches"] = parallel.model_blocks(model, images.shape, n_dev, max_tokens)
         at_once = cpu_blocks_at_once or 1  # as evaluation and predictions
+        result["blocks_at_once"] = parallel.blocks_at_once(result["micro_batches"], at_once)
         forward = jax.jit(
             lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens, at_once)
         )
@@ -216,8 +217,10 @@ def run(
         if cpu_block_tokens is not None:
             config.cpu_block_tokens = cpu_block_tokens
         config.cpu_blocks_at_once = cpu_blocks_at_once or 0  # 0: auto, as in training
-        at_once = parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once)
         result["micro_batches"] = train.micro_batches(
+            model, config, images.shape, jax.device_count()
+        )
+        result["blocks_at_once"] = train.blocks_side_by_side(
             model, config, images.shape, jax.device_count()
         )
         tx = train.make_optimizer(config)
@@ -262,7 +265,6 @@ def run(
     else:
         raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
 
-    result["blocks_at_once"] = parallel.blocks_at_once(result["micro_batches"], at_once)
     median = statistics.median(times)
     result["peak_rss_gib"] = _peak_rss_gib()
     result["attention"] = attention_kernel(lowered, path)

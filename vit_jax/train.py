@@ -284,12 +284,22 @@ def micro_batches(model, config, image_shape: Sequence[int], num_devices: int) -
     return accum * parallel.model_blocks(model, micro_shape, num_devices, config.cpu_block_tokens)
 
 
+def blocks_side_by_side(model, config, image_shape: Sequence[int], num_devices: int) -> int:
+    """How many of `micro_batches(...)` a training step computes at a time: CPU cache blocks
+    `parallel.train_blocks_at_once` side by side, never micro-batches of `accum_steps` alone (two
+    at once would double the memory that accumulation is there to save)."""
+    blocks = micro_batches(model, config, image_shape, num_devices) // config.accum_steps
+    return parallel.blocks_at_once(
+        blocks, parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once)
+    )
+
+
 def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
     """The pure update `(state, batch) -> (state, metrics)`, jitted with the state donated.
 
     The batch is split into `micro_batches(...)` interleaved micro-batches (rows i, i+k, ...): the
-    `accum_steps` asked for, times the CPU cache blocks (`parallel.blocks_at_once` of those computed
-    side by side). Each device's shard holds its part of every micro-batch; gradients are averaged
+    `accum_steps` asked for, times the CPU cache blocks (`blocks_side_by_side` of those computed at
+    a time). Each device's shard holds its part of every micro-batch; gradients are averaged
     over them, so the update is the whole batch's. Dropout keys are `fold_in(key(seed), step)` (and
     the micro-batch index): they do not depend on the device count.
     `state_sharding` (a tree like the state) pins where the updated state lives, e.g. FSDP shards.
@@ -308,11 +318,7 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
         params = state["params"]
         key = jax.random.fold_in(base_key, state["step"])
         accum = micro_batches(model, config, batch["image"].shape, num_devices)
-        # Side by side only for CPU cache blocks (1 a micro-batch on GPU/TPU), not for accum_steps.
-        at_once = parallel.blocks_at_once(
-            accum // config.accum_steps,
-            parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once),
-        )
+        at_once = blocks_side_by_side(model, config, batch["image"].shape, num_devices)
         if accum == 1:
             loss, grads = grad_fn(params, batch["image"], batch["label"], key)
         else:
