@@ -508,14 +508,47 @@ def test_remat_shrinks_the_training_step_memory():
         "testing", num_classes=5, num_layers=6, hidden_size=32, mlp_dim=128, dropout_rate=0.0
     )
     images, params = _init(model, shape=(16, 64, 64, 3))
-
-    def temp_bytes(m: nn.Module) -> int:
-        loss = lambda p: jnp.sum(m.apply({"params": p}, images, train=True) ** 2)
-        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-        return compiled.memory_analysis().temp_size_in_bytes
-
-    plain, remat = temp_bytes(model), temp_bytes(model.clone(remat=True))
+    plain = _grad_temp_bytes(model, images, params)
+    remat = _grad_temp_bytes(model.clone(remat=True), images, params)
     assert remat < 0.6 * plain, (remat, plain)
+
+
+def _grad_temp_bytes(model: nn.Module, images: jax.Array, params: dict) -> int:
+    """Bytes of XLA temporaries of the compiled gradient of a squared-logits loss."""
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True) ** 2)
+    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_gelu_is_flax_gelu_with_an_exact_slope():
+    x = jnp.linspace(-10, 10, 20001, dtype=jnp.float32)
+    np.testing.assert_array_equal(models.gelu(x), nn.gelu(x))  # the forward pass, bit for bit
+    slope = jax.grad(lambda x: models.gelu(x).sum())
+    np.testing.assert_allclose(slope(x), jax.grad(lambda x: nn.gelu(x).sum())(x), atol=2e-6)
+    np.testing.assert_allclose(
+        slope(jnp.array([0.0, 1.0, -3.0])), [0.5, 1.082964, -0.011584], atol=1e-6
+    )
+    # bfloat16: the slope is computed in float32, then rounded once (autodiff of nn.gelu in
+    # bfloat16 is 4x further off: 0.016).
+    xb = x.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(models.gelu(xb), nn.gelu(xb))
+    got = jax.grad(lambda x: models.gelu(x).astype(jnp.float32).sum())(xb)
+    assert got.dtype == jnp.bfloat16
+    exact = jax.grad(lambda x: nn.gelu(x).sum())(xb.astype(jnp.float32))
+    np.testing.assert_allclose(got.astype(np.float32), exact, rtol=2**-8, atol=2**-12)
+
+
+def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
+    """Through nn.gelu, XLA keeps each MLP activation's tanh for the backward pass as well."""
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, hidden_size=32, mlp_dim=256, dropout_rate=0.0
+    )
+    images, params = _init(model, shape=(16, 64, 64, 3))
+    ours = _grad_temp_bytes(model, images, params)
+    monkeypatch.setattr(models, "gelu", nn.gelu)
+    flax_gelu = _grad_temp_bytes(model, images, params)
+    # 2 431 168 against 2 988 224 bytes on XLA:CPU (jax 0.10.2)
+    assert ours < 0.9 * flax_gelu, (ours, flax_gelu)
 
 
 @pytest.mark.parametrize(
