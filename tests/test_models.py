@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import models, summary
+from vit_jax import models, parallel, summary, train
 from vit_jax.variants import VARIANTS
 
 # The reference's counts with a 1000-class head at 224px.
@@ -508,16 +508,14 @@ def test_remat_shrinks_the_training_step_memory():
         "testing", num_classes=5, num_layers=6, hidden_size=32, mlp_dim=128, dropout_rate=0.0
     )
     images, params = _init(model, shape=(16, 64, 64, 3))
-    plain = _grad_temp_bytes(model, images, params)
-    remat = _grad_temp_bytes(model.clone(remat=True), images, params)
+
+    def temp_bytes(m: nn.Module) -> int:
+        loss = lambda p: jnp.sum(m.apply({"params": p}, images, train=True) ** 2)
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    plain, remat = temp_bytes(model), temp_bytes(model.clone(remat=True))
     assert remat < 0.6 * plain, (remat, plain)
-
-
-def _grad_temp_bytes(model: nn.Module, images: jax.Array, params: dict) -> int:
-    """Bytes of XLA temporaries of the compiled gradient of a squared-logits loss."""
-    loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True) ** 2)
-    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_gelu_is_flax_gelu_with_an_exact_slope():
@@ -539,16 +537,37 @@ def test_gelu_is_flax_gelu_with_an_exact_slope():
 
 
 def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
-    """Through nn.gelu, XLA keeps each MLP activation's tanh for the backward pass as well."""
+    """Through nn.gelu, XLA keeps each MLP activation's tanh for the backward pass as well: the
+    compiled training step holds more temporaries."""
     model = models.get_model(
-        "testing", num_classes=5, num_layers=2, hidden_size=32, mlp_dim=256, dropout_rate=0.0
+        "ViT-Ti_16", num_classes=5, num_layers=2, hidden_size=64, num_heads=2, mlp_dim=256,
+        dropout_rate=0.0,
+    )  # fmt: skip
+    config = train.default_config()
+    config.batch, config.accum_steps, config.optimizer, config.momentum_dtype = (
+        16,
+        1,
+        "sgd",
+        "float32",
     )
-    images, params = _init(model, shape=(16, 64, 64, 3))
-    ours = _grad_temp_bytes(model, images, params)
+    tx = train.make_optimizer(config)
+    init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)), train=False)
+    state = jax.eval_shape(lambda: train.initial_state(init()["params"], tx))
+    batch = {
+        "image": jax.ShapeDtypeStruct((16, 112, 112, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((16,), jnp.int32),
+    }
+
+    def temp_bytes() -> int:
+        step = train.make_train_step(model, tx, config, parallel.data_mesh())  # traced anew
+        return step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+    ours = temp_bytes()
     monkeypatch.setattr(models, "gelu", nn.gelu)
-    flax_gelu = _grad_temp_bytes(model, images, params)
-    # 2 431 168 against 2 988 224 bytes on XLA:CPU (jax 0.10.2)
-    assert ours < 0.9 * flax_gelu, (ours, flax_gelu)
+    flax_gelu = temp_bytes()
+    # 13 154 820 against 14 793 220 bytes on XLA:CPU with jax 0.10.2, 11 516 164 against
+    # 13 154 564 with jax 0.8.1. (A plain jax.grad of the model shows it on 0.10.2 only.)
+    assert ours < 0.95 * flax_gelu, (ours, flax_gelu)
 
 
 @pytest.mark.parametrize(
