@@ -790,6 +790,15 @@ def test_blocks_side_by_side_by_default_up_to_vit_b_width():
     assert parallel.blocks_at_once(1, 2) == 1 and parallel.blocks_at_once(8, 3) == 3
 
 
+def test_the_start_up_line_says_how_many_blocks_run_side_by_side(tmp_path, capsys):
+    # 5 tokens per image (8 px, 4 px patches, class token): blocks of 2 images, 4 per batch of 8.
+    for at_once, says in ((0, "(4 micro-batches, 2 at a time), "), (1, "(4 micro-batches), ")):
+        config = tiny_config(total_steps=1, eval_every=1, cpu_block_tokens=10)
+        config.cpu_blocks_at_once = at_once
+        train.train_and_evaluate(config, str(tmp_path / str(at_once)))
+        assert f" batch 8 {says}steps 0->1, " in capsys.readouterr().out
+
+
 def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
     # The step as an H100 and a TPU would compile it (bfloat16, the fused attention, the whole
     # batch at once), lowered for them on this CPU. Its class token makes 5 tokens, odd like 197.

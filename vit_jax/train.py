@@ -989,11 +989,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     model_name = config.model + (f" with {overrides}" if overrides else "")
     micro = micro_batches(model, config, (config.batch, *hw, 3), num_devices)
+    at_once = blocks_side_by_side(model, config, (config.batch, *hw, 3), num_devices)
     log(
         f"{model_name} ({models.count_params(model, hw):,} params) on {info.name} "
         f"({info.num_classes} classes) at {hw[0]}x{hw[1]}, {num_devices} {devices[0].platform} "
         f"device(s) in {config.dtype} ({attention} attention), batch {config.batch} ({micro} "
-        f"micro-batches), steps "
+        f"micro-batches{f', {at_once} at a time' if at_once > 1 else ''}), steps "
         f"{start}->{config.total_steps}, run directory {workdir}"
     )
     for note in input_pipeline.data_notes(info, "train") + input_pipeline.data_notes(info, "test"):
