@@ -544,12 +544,8 @@ def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
         dropout_rate=0.0,
     )  # fmt: skip
     config = train.default_config()
-    config.batch, config.accum_steps, config.optimizer, config.momentum_dtype = (
-        16,
-        1,
-        "sgd",
-        "float32",
-    )
+    config.batch, config.accum_steps = 16, 1
+    config.optimizer, config.momentum_dtype = "sgd", "float32"
     tx = train.make_optimizer(config)
     init = lambda: model.init(jax.random.key(0), jnp.zeros((1, 112, 112, 3)), train=False)
     state = jax.eval_shape(lambda: train.initial_state(init()["params"], tx))

@@ -343,9 +343,9 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     # The barrier keeps XLA from merging this tanh with the forward pass's (common subexpression
     # elimination), which would keep that tanh alive until here again.
     x = jax.lax.optimization_barrier(x).astype(jnp.promote_types(dtype, jnp.float32))
-    c = np.sqrt(2 / np.pi).astype(x.dtype)
-    t = jnp.tanh(c * (x + 0.044715 * x**3))
-    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    c, a = np.sqrt(2 / np.pi).astype(x.dtype), 0.044715
+    t = jnp.tanh(c * (x + a * x**3))
+    slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x * x)
     return ((g * slope).astype(dtype),)
 
 
