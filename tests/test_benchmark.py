@@ -143,6 +143,23 @@ def test_peak_is_the_best_of_its_sizes(monkeypatch):
     assert benchmark.matmul_peak_gflops(np.float32) == pytest.approx(297.0)  # CPU default sizes
 
 
+def test_peak_multiplies_random_operands(monkeypatch):
+    # Constant operands run faster on a GPU than real data, which would inflate the peak.
+    seen = []
+
+    def timed(fn, steps, warmup=1):
+        a, b = fn.__defaults__
+        seen.append((np.asarray(a), np.asarray(b)))
+        return [1.0] * steps
+
+    monkeypatch.setattr(benchmark, "_time", timed)
+    benchmark.matmul_peak_gflops(np.float32, 64, 2)
+    ((a, b),) = seen
+    assert a.shape == b.shape == (64, 64)
+    assert 0.9 < a.std() < 1.1 and 0.9 < b.std() < 1.1 and abs(a.mean()) < 0.1
+    assert not np.array_equal(a, b)
+
+
 def test_peak_of_fake_devices_is_measured_at_once():
     # Four fake CPU devices share this machine's cores: together they are not 4x faster than one.
     # 1024, not smaller: a 512 product takes about 1.5 ms on a slow 2-core machine, and one slow

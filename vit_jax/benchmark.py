@@ -72,13 +72,13 @@ def matmul_peak_gflops(
     """Peak GFLOP/s of `devices` (default: all) running a square matmul in `dtype` each, at once: the
     best of the sizes in `size` (default `CPU_PEAK_SIZES` on CPU, else `ACCELERATOR_PEAK_SIZES`).
 
-    Each device multiplies its own (n, n) block (median of `steps`): devices that share
-    hardware (fake CPU devices, which share the host's cores) are not counted as if they did not.
+    Each device multiplies its own (n, n) block of random normal numbers (median of `steps`):
+    devices that share hardware (fake CPU devices, which share the host's cores) are not counted as
+    if they did not.
     The product accumulates in float32 as the model's Dense layers do (`models.dot_general`); for
     bfloat16 on XLA:CPU that is also the only form that reaches the bfloat16 (AMX / AVX512-BF16) kernels.
     """
     import jax
-    import jax.numpy as jnp
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -91,10 +91,19 @@ def matmul_peak_gflops(
         size = CPU_PEAK_SIZES if devices[0].platform == "cpu" else ACCELERATOR_PEAK_SIZES
     dot = dot_general(dtype)
     f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
+    # Random operands: constant ones or zeros toggle fewer bits, and a GPU runs them faster (an H200
+    # multiplied zeros 13 % faster than random data), which would raise the peak above real work's.
+    key_a, key_b = jax.random.split(jax.random.key(0))
     best = 0.0
     for n in [size] if isinstance(size, int) else size:
-        a = jax.device_put(jnp.ones((len(devices) * n, n), dtype), NamedSharding(mesh, P("data")))
-        b = jax.device_put(jnp.ones((n, n), dtype), NamedSharding(mesh, P()))
+        a = jax.jit(
+            lambda k, n=n: jax.random.normal(k, (len(devices) * n, n), dtype),
+            out_shardings=NamedSharding(mesh, P("data")),
+        )(key_a)
+        b = jax.jit(
+            lambda k, n=n: jax.random.normal(k, (n, n), dtype),
+            out_shardings=NamedSharding(mesh, P()),
+        )(key_b)
         times = _time(lambda a=a, b=b: f(a, b), steps)
         best = max(best, 2 * n**3 * len(devices) / statistics.median(times) / 1e9)
     return best
