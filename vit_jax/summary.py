@@ -31,10 +31,22 @@ def forward_gflops(
     """
     model = model.clone(remat=False, attention="einsum")
     h, w = image_hw(image_size)
-    params = param_shapes(model, (h, w))
-    images = jax.ShapeDtypeStruct((1, h, w, 3), dtype)
+    # Lowered for the CPU whatever the default backend: the backends that PJRT plugins provide (CUDA,
+    # TPU) analyse only compiled programs (`Lowered.cost_analysis` returns None there).
+    try:
+        on_cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    except RuntimeError:  # JAX_PLATFORMS names no cpu
+        on_cpu = None
+
+    def spec(x: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_cpu)
+
+    params = jax.tree.map(spec, param_shapes(model, (h, w)))
+    images = spec(jax.ShapeDtypeStruct((1, h, w, 3), dtype))
     lowered = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)).lower(params, images)
     cost = lowered.cost_analysis()
+    if cost is None:  # no CPU backend: the compiled program's count, after XLA's optimisations
+        cost = lowered.compile().cost_analysis()
     if isinstance(cost, list):  # older jax returned one dict per device
         cost = cost[0]
     return float(cost["flops"]) / 1e9
