@@ -91,19 +91,20 @@ def matmul_peak_gflops(
         size = CPU_PEAK_SIZES if devices[0].platform == "cpu" else ACCELERATOR_PEAK_SIZES
     dot = dot_general(dtype)
     f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
+
     # Random operands: constant ones or zeros toggle fewer bits, and a GPU runs them faster (an H200
     # multiplied zeros 13 % faster than random data), which would raise the peak above real work's.
+    def normal(key: jax.Array, shape: tuple[int, int], spec: P) -> jax.Array:
+        make = jax.jit(
+            lambda k: jax.random.normal(k, shape, dtype), out_shardings=NamedSharding(mesh, spec)
+        )
+        return make(key)
+
     key_a, key_b = jax.random.split(jax.random.key(0))
     best = 0.0
     for n in [size] if isinstance(size, int) else size:
-        a = jax.jit(
-            lambda k, n=n: jax.random.normal(k, (len(devices) * n, n), dtype),
-            out_shardings=NamedSharding(mesh, P("data")),
-        )(key_a)
-        b = jax.jit(
-            lambda k, n=n: jax.random.normal(k, (n, n), dtype),
-            out_shardings=NamedSharding(mesh, P()),
-        )(key_b)
+        a = normal(key_a, (len(devices) * n, n), P("data"))
+        b = normal(key_b, (n, n), P())
         times = _time(lambda a=a, b=b: f(a, b), steps)
         best = max(best, 2 * n**3 * len(devices) / statistics.median(times) / 1e9)
     return best
