@@ -436,6 +436,70 @@ def test_float32_attention_takes_mixed_dot_general_for_both_products():
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 2
 
 
+def test_float32_mlp_weight_gradient_reads_its_cotangent_in_place(monkeypatch):
+    # On (N, L, D) activations a Dense kernel's gradient contracts N and L, and XLA:CPU copies the
+    # MLP's (tokens, mlp_dim) cotangent transposed for it (f32[mlp_dim, tokens]); on the (N*L, D)
+    # tokens of `models.dense_input` it reads it in place.
+    model = models.get_model(
+        "ViT-Ti_16", num_classes=5, num_layers=1, hidden_size=64, num_heads=2, mlp_dim=256,
+        dropout_rate=0.0,
+    )  # fmt: skip
+    images = jnp.zeros((8, 112, 112, 3))  # 8 images of 50 tokens: 400
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1], train=False))
+
+    def transposed_cotangents() -> list[str]:
+        loss = lambda p: jnp.sum(model.apply(p, images, train=True) ** 2)
+        text = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return re.findall(r"f32\[256,400\]", text)
+
+    assert transposed_cotangents() == []
+    monkeypatch.setattr(models, "dense_input", lambda x, dtype, feature_axes=1: x)
+    assert transposed_cotangents()  # the (N, L, D) layers' copy
+
+
+def test_flat_dense_inputs_change_no_number():
+    # The same parameters, outputs, attention weights and gradients as Dense layers on (N, L, D).
+    model = models.get_model("testing", num_classes=3, num_layers=2, dropout_rate=0.1)
+    images, params = _init(model, (3, 32, 32, 3))
+
+    def run():
+        def loss(p):
+            logits = model.apply(
+                {"params": p}, images, train=True, rngs={"dropout": jax.random.key(3)}
+            )
+            return jnp.sum(logits**2)
+
+        _, sown = model.apply({"params": params}, images, mutable=["intermediates"])
+        return jax.value_and_grad(loss)(params), jax.tree.leaves(sown)
+
+    ours = run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models, "dense_input", lambda x, dtype, feature_axes=1: x)
+        theirs = run()
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(ours[0][0]) > 0 and len(ours[1]) == 2  # a loss, and both layers' weights
+
+
+def test_bfloat16_dense_layers_keep_their_token_axes():
+    # XLA:CPU runs a 2-D bfloat16 product contracting both operands' first axes on a kernel without
+    # bfloat16, and the step fails when it runs: bfloat16 layers are not flattened.
+    x = jnp.zeros((2, 5, 8), jnp.bfloat16)
+    assert models.dense_input(x, jnp.bfloat16).shape == (2, 5, 8)
+    assert models.dense_input(x, jnp.float32).shape == (10, 8)
+    heads = x.reshape(2, 5, 2, 4)
+    assert models.dense_input(heads, jnp.float32, feature_axes=2).shape == (10, 2, 4)
+    model = models.get_model(
+        "testing", num_classes=3, num_layers=1, dropout_rate=0.0, dtype=jnp.bfloat16
+    )
+    images, params = _init(model, (4, 32, 32, 3))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True) ** 2)
+    grads = jax.jit(jax.grad(loss))(params)  # compiled and run on XLA:CPU
+    kernel = grads["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
+    assert bool(jnp.all(jnp.isfinite(kernel))) and float(jnp.abs(kernel).max()) > 0
+
+
 def _dot_operand_dtypes(jaxpr: jax.extend.core.Jaxpr) -> list[tuple[str, str]]:
     """The operand dtypes of every dot_general in `jaxpr` and the jaxprs nested in it."""
     found = []

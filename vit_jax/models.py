@@ -319,6 +319,25 @@ def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
     return None if rng is None else jax.random.fold_in(rng, i)
 
 
+def dense_input(x: jax.Array, dtype: Dtype, feature_axes: int = 1) -> jax.Array:
+    """A float32 Dense layer's input (..., *features) as (tokens, *features), every leading axis
+    merged into one (a reshape, no copy); other dtypes' inputs as they are.
+
+    A Dense layer applied to (N, L, D) has a weight gradient that contracts two axes (N and L) of its
+    input and its output's cotangent. XLA:CPU makes such a product 2-D by copying one operand
+    transposed (for the MLP's first layer, its (N*L, mlp_dim) cotangent: a strided pass over the
+    block's largest activation). On (N*L, D) operands the product contracts one axis and XLA:CPU
+    reads both in place: the same numbers, ViT-Ti/16 float32 training steps about 5 % faster.
+    bfloat16 layers keep their leading axes: XLA:CPU sends a 2-D bfloat16 product that contracts
+    both operands' first axes to a kernel without bfloat16 (`Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32` when the step runs).
+    """
+    if jnp.dtype(dtype) != jnp.float32:
+        return x
+    lead = x.shape[: x.ndim - feature_axes]
+    return x.reshape(int(np.prod(lead, dtype=np.int64)), *x.shape[x.ndim - feature_axes :])
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """`nn.gelu` with the tanh approximation, as the reference's MLP blocks use it, whose backward pass
@@ -371,11 +390,14 @@ class MlpBlock(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
             bias_init=nn.initializers.normal(stddev=1e-6),
         )
+        shape = x.shape
+        x = dense_input(x, self.dtype)
         y = dense(self.mlp_dim, name="Dense_0")(x)
         y = gelu(y)
         y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 0))
         y = dense(self.out_dim or x.shape[-1], name="Dense_1")(y)
-        return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 1))
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 1))
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -419,7 +441,12 @@ class MultiHeadDotProductAttention(nn.Module):
             dot_general=dot_general(self.dtype),
             kernel_init=nn.initializers.xavier_uniform(),
         )
-        q, k, v = (proj(name=n)(x) for n in ("query", "key", "value"))
+        lead = x.shape[:-1]  # (N, L)
+        # In float32 on (N*L, D) tokens: 2-D weight-gradient products (`dense_input`).
+        q, k, v = (
+            proj(name=name)(dense_input(x, self.dtype)).reshape(*lead, self.num_heads, head_dim)
+            for name in ("query", "key", "value")
+        )
 
         use_dropout = not deterministic and self.dropout_rate > 0.0
         keep_weights = self.is_mutable_collection("intermediates")
@@ -433,7 +460,6 @@ class MultiHeadDotProductAttention(nn.Module):
                 required=self.attention == "cudnn",
                 kv_length=kv_length,
             )
-            out_axes = (-2, -1)  # (N, L, heads, head_dim)
         else:
             if kv_length is not None:
                 raise ValueError(
@@ -461,16 +487,17 @@ class MultiHeadDotProductAttention(nn.Module):
                 # faster on XLA:CPU).
                 e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
                 y = dot(e.astype(self.dtype), v, pv) / e.sum(axis=-1, keepdims=True)
-            out_axes = (-3, -1)  # (N, heads, L, head_dim): contract heads and head_dim
+            y = jnp.swapaxes(y, -3, -2)  # (N, heads, L, head_dim) -> (N, L, heads, head_dim)
 
-        return nn.DenseGeneral(
+        y = nn.DenseGeneral(
             features,
-            axis=out_axes,
+            axis=(-2, -1),
             dtype=self.dtype,
             dot_general=dot_general(self.dtype),
             kernel_init=nn.initializers.xavier_uniform(),
             name="out",
-        )(y)
+        )(dense_input(y, self.dtype, feature_axes=2))
+        return y.reshape(*lead, features)
 
 
 class Encoder1DBlock(nn.Module):
