@@ -436,6 +436,11 @@ def test_float32_attention_takes_mixed_dot_general_for_both_products():
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 2
 
 
+def _token_axes_kept(x: jax.Array, dtype: object, feature_axes: int = 1) -> jax.Array:
+    """`models.dense_input` as it was before: every Dense layer's input as it comes, (N, L, ...)."""
+    return x
+
+
 def test_float32_mlp_weight_gradient_reads_its_cotangent_in_place(monkeypatch):
     # On (N, L, D) activations a Dense kernel's gradient contracts N and L, and XLA:CPU copies the
     # MLP's (tokens, mlp_dim) cotangent transposed for it (f32[mlp_dim, tokens]); on the (N*L, D)
@@ -453,7 +458,7 @@ def test_float32_mlp_weight_gradient_reads_its_cotangent_in_place(monkeypatch):
         return re.findall(r"f32\[256,400\]", text)
 
     assert transposed_cotangents() == []
-    monkeypatch.setattr(models, "dense_input", lambda x, dtype, feature_axes=1: x)
+    monkeypatch.setattr(models, "dense_input", _token_axes_kept)
     assert transposed_cotangents()  # the (N, L, D) layers' copy
 
 
@@ -474,7 +479,7 @@ def test_flat_dense_inputs_change_no_number():
 
     ours = run()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(models, "dense_input", lambda x, dtype, feature_axes=1: x)
+        mp.setattr(models, "dense_input", _token_axes_kept)
         theirs = run()
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):

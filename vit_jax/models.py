@@ -443,9 +443,9 @@ class MultiHeadDotProductAttention(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(),
         )
         lead = x.shape[:-1]  # (N, L)
-        # In float32 on (N*L, D) tokens: 2-D weight-gradient products (`dense_input`).
+        tokens = dense_input(x, self.dtype)  # float32: (N*L, D), 2-D weight-gradient products
         q, k, v = (
-            proj(name=name)(dense_input(x, self.dtype)).reshape(*lead, self.num_heads, head_dim)
+            proj(name=name)(tokens).reshape(*lead, self.num_heads, head_dim)
             for name in ("query", "key", "value")
         )
 
