@@ -806,6 +806,7 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
 
     monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90800)
     monkeypatch.setattr(models, "use_fused_attention", lambda: True)
+    monkeypatch.setattr(models, "on_xla_cpu", lambda: False)
     model = models.get_model(
         "testing", num_classes=3, num_layers=2, hidden_size=16, num_heads=2, mlp_dim=16,
         patch_size=(4, 4), dtype=jnp.bfloat16,
@@ -846,6 +847,12 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         dots = re.findall(r"stablehlo.dot_general .*", text)
         # All products in bfloat16 but the head's three (forward, two gradients), kept in float32.
         assert len(dots) > 20 and len([d for d in dots if "bf16" not in d]) == 3
+        # The Dense layers' 36 products (6 layers per block, forward and two gradients, 2 blocks)
+        # take the (N*L, features) tokens and give bfloat16, accumulated in float32 in the kernel.
+        tokens = f"tensor<{8 * (6 if capability else 5)}x"
+        patches = "tensor<8x2x2x48xbf16>"  # the patch embedding's (its kernel is 48x16 too)
+        dense = [d for d in dots if tokens in d and patches not in d]
+        assert len(dense) == 36 and all(re.search(r"-> tensor<\S+xbf16>", d) for d in dense)
         # Evaluation (and so predictions) runs the same forward kernels.
         eval_step = train.make_eval_step(model, cpu_block_tokens=0)
         _, calls = lowered(eval_step, platform, params["params"], batch)
