@@ -193,3 +193,78 @@ def test_model_modes_run_without_tensorflow():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout)
     assert r["mode"] == "train" and r["img_s"] > 0 and r["gflops_per_image"] > 0
+
+
+def test_kernel_times_add_up_device_kernels_and_cpu_thunks():
+    meta = [
+        {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    ]
+    gpu = [  # name, start and duration in microseconds; two steps
+        ("nvjet_sm90_tst_128x160_NNT", 0, 3000),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 3000, 2000),
+        ("input_reduce_fusion.3", 5000, 500),
+        ("input_reduce_fusion_7", 5400, 500),  # overlaps the one before: counted all the same
+        ("Memset 0", 6000, 100),
+    ]
+    cpu = [  # a while loop's thunk holding a dot and a fusion, then a fusion after it
+        ("while.4", 0, 1000, True),
+        ("dot.1", 10, 600, True),
+        ("fusion.2", 620, 300, True),
+        ("fusion.2", 1100, 200, True),
+        ("PjitFunction(step)", 0, 2000, False),  # the Python side: no hlo_op
+    ]
+    events = [*meta]
+    events += [{"ph": "X", "pid": 1, "tid": 7, "name": n, "ts": t, "dur": d} for n, t, d in gpu]
+    events += [
+        {
+            "ph": "X",
+            "pid": 2,
+            "tid": 9,
+            "name": n,
+            "ts": t,
+            "dur": d,
+            "args": {"hlo_op": n} if h else {},
+        }
+        for n, t, d, h in cpu
+    ]
+    r = benchmark.kernel_times(events, steps=2, top=3)
+    # ms per step: GPU 3 + 2 + 0.5 + 0.5 + 0.1 = 6.1 over 2 steps; CPU 0.6 + 0.3 + 0.2 (no while).
+    assert r["kernel_ms_per_step"] == pytest.approx((6.1 + 1.1) / 2)
+    assert r["by_kind_ms"] == pytest.approx({"attention": 1.0, "matmul": 1.8, "other": 0.8})
+    assert [t["name"] for t in r["top"]] == [
+        "nvjet_sm90_tst_128x160_NNT",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+        "input_reduce_fusion",
+    ]
+    assert r["top"][2] == {"name": "input_reduce_fusion", "ms_per_step": 0.5, "calls_per_step": 1.0}
+
+
+def test_profile_of_a_training_step(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a, **k: 100.0)
+    r = benchmark.run("testing", 32, 4, "train", steps=1, profile_dir=str(tmp_path / "p"))
+    p = r["profile"]
+    assert p["trace"].startswith(str(tmp_path / "p")) and p["trace"].endswith(".json.gz")
+    assert p["kernel_ms_per_step"] == pytest.approx(sum(p["by_kind_ms"].values()))
+    assert p["by_kind_ms"]["matmul"] > 0 and p["by_kind_ms"]["other"] > 0  # dots and fusions
+    assert len(p["top"]) == 10 and p["top"][0]["ms_per_step"] >= p["top"][-1]["ms_per_step"] > 0
+    benchmark.main(["--model", "testing", "--image_size", "32", "--batch", "4", "--mode", "infer",
+                    "--steps", "1", "--profile", str(tmp_path / "q")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        f"profile            {tmp_path / 'q'}" in out
+        and "ms thread time per step (attention" in out
+    )
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(
+            ["--model", "testing", "--image_size", "32", "--profile", str(tmp_path / "file" / "p")]
+        )
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the profile to ") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        benchmark.main(["--mode", "input", "--profile", str(tmp_path / "p")])
+    assert capsys.readouterr().err == (
+        "error: --profile traces model steps: use it with --mode infer or train\n"
+    )

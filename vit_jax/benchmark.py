@@ -3,6 +3,7 @@
     python -m vit_jax.benchmark --model ViT-B_16 --image_size 224 --batch 8 --mode infer --dtype float32
     python -m vit_jax.benchmark --model ViT-Ti_16 --batch 32 --mode train --json
     python -m vit_jax.benchmark --mode input --image_size 384      # preprocessing img/s, CIFAR-shaped
+    python -m vit_jax.benchmark --mode train --profile /tmp/prof   # + kernel time by kind, top kernels
 
 Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
 count of the forward pass, attention counted in its einsum form; a training step counts 3x), achieved
@@ -15,7 +16,10 @@ einsums).
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -128,6 +132,91 @@ def attention_kernel(lowered: Any, path: str) -> str:
     return "cudnn" if "__cudnn$fmha" in lowered.as_text() else "xla"
 
 
+PROFILE_STEPS = 3
+# Kernel kinds by name: cuDNN's attention kernels, then matrix products (cuBLAS/nvjet/CUTLASS GEMMs,
+# XLA's Triton GEMM fusions, XLA:CPU's dot thunks and YNNPACK/oneDNN fusions); the rest is "other"
+# (elementwise, reductions, transposes, copies).
+_KINDS = (
+    ("attention", re.compile(r"fmha|flash|sdpa|dot_product_attention|dot_do_o|convert_dq")),
+    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|^dot|ynn|onednn|convolution")),
+)
+
+
+def profile(fn: Callable[[], Any], log_dir: str, steps: int = PROFILE_STEPS) -> dict[str, Any]:
+    """Runs `fn` (a compiled step, already warm) `steps` times under `jax.profiler`, writing the
+    trace (TensorBoard/XProf, and Perfetto's `perfetto_trace.json.gz`) under `log_dir`; returns
+    `kernel_times` of it and the trace's path."""
+    import glob
+
+    import jax
+
+    jax.block_until_ready(fn())
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            jax.block_until_ready(fn())
+    traces = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "perfetto_trace.json.gz"))
+    path = max(traces, key=os.path.getmtime)
+    with gzip.open(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    return {"trace": path, **kernel_times(events, steps)}
+
+
+def kernel_times(events: list[dict[str, Any]], steps: int, top: int = 10) -> dict[str, Any]:
+    """Per-step time of the compiled program's kernels in a Chrome/Perfetto trace's `events`.
+
+    Kernels are the complete ("X") events of accelerator processes (`/device:...`: GPU kernels, by
+    kernel or fusion name) or, on XLA:CPU, the host events that carry an `hlo_op` (its thunks, timed on
+    whichever thread ran them; threads overlap, so on CPU the sum is thread time, not wall time).
+    A host event that holds others on its thread (a while loop's thunk) is left out and its parts
+    counted; GPU kernels are all counted (those of one stream can overlap in the trace).
+    Returns `kernel_ms_per_step`, `by_kind_ms` (attention, matmul, other; by name, see `_KINDS`) and
+    the `top` names by time with a trailing fusion number dropped (`loop_add_fusion_12` and `.13`
+    count as one), each with its ms and calls per step.
+    """
+    device = {
+        e["pid"]
+        for e in events
+        if e.get("ph") == "M"
+        and e.get("name") == "process_name"
+        and str(e.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    kernels = sorted(
+        (
+            e
+            for e in events
+            if e.get("ph") == "X" and (e.get("pid") in device or "hlo_op" in e.get("args", {}))
+        ),
+        key=lambda e: (e["pid"], e["tid"], float(e["ts"]), -float(e.get("dur", 0.0))),
+    )
+    total: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for e, after in zip(kernels, [*kernels[1:], None], strict=True):
+        end = float(e["ts"]) + float(e.get("dur", 0.0))
+        holds_next = (
+            e["pid"] not in device  # GPU kernels of one stream can overlap in a trace
+            and after is not None
+            and (after["pid"], after["tid"]) == (e["pid"], e["tid"])
+            and float(after["ts"]) < end
+        )
+        if holds_next:
+            continue  # a thunk that holds others (XLA:CPU's while loops): count those
+        name = re.sub(r"[._]\d+$", "", str(e["name"]))
+        total[name] = total.get(name, 0.0) + float(e.get("dur", 0.0)) / 1e3 / steps  # us -> ms
+        calls[name] = calls.get(name, 0) + 1
+    kinds = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    for name, ms in total.items():
+        kind = next((k for k, pattern in _KINDS if pattern.search(name.lower())), "other")
+        kinds[kind] += ms
+    ranked = sorted(total, key=total.get, reverse=True)[:top]
+    return {
+        "kernel_ms_per_step": sum(total.values()),
+        "by_kind_ms": kinds,
+        "top": [
+            {"name": n, "ms_per_step": total[n], "calls_per_step": calls[n] / steps} for n in ranked
+        ],
+    }
+
+
 def run(
     model_name: str = "ViT-B_16",
     image_size: int = 224,
@@ -141,6 +230,7 @@ def run(
     cpu_block_tokens: int | None = None,
     attention: str = "auto",
     cpu_blocks_at_once: int | None = None,
+    profile_dir: str | None = None,
 ) -> dict[str, Any]:
     """Measures one configuration; returns the figures as a dict.
 
@@ -154,6 +244,8 @@ def run(
     time.
     `attention` is the model's attention setting (`models.ATTENTION`); the result's `attention` is
     the kernel the compiled program runs. `dtype` "auto" is `models.default_compute_dtype()`.
+    `profile_dir`: after the timed steps, `PROFILE_STEPS` more run under `jax.profiler`, whose trace
+    goes there; the result's `profile` sums its kernels (`kernel_times`).
     """
     import jax
     import jax.numpy as jnp
@@ -173,8 +265,15 @@ def run(
         raise ValueError(
             f"batch={batch}, steps={steps}, image_size={image_size}: each must be at least 1"
         )
+    if mode == "input" and profile_dir is not None:
+        raise ValueError("--profile traces model steps: use it with --mode infer or train")
     if mode == "input":
         return {**result, **_input_throughput(image_size, batch, steps)}
+    if profile_dir is not None:
+        try:
+            os.makedirs(profile_dir, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot write the profile to {profile_dir}: {e.strerror}") from None
     if batch % jax.device_count():
         n = jax.device_count()
         raise ValueError(f"batch {batch} does not divide over {n} devices: use a multiple of {n}")
@@ -219,6 +318,8 @@ def run(
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
         times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
+        if profile_dir is not None:
+            result["profile"] = profile(lambda: compiled(params, images), profile_dir)
         flops_factor = 1
     elif mode == "train":
         config = train.default_config()
@@ -271,6 +372,8 @@ def run(
                 + " or a smaller --batch"
             )
             return result
+        if profile_dir is not None:
+            result["profile"] = profile(one_step, profile_dir)
         flops_factor = 3  # forward + backward (about 2x forward)
     else:
         raise ValueError(f"unknown mode {mode!r}: use infer, train or input")
@@ -364,6 +467,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="CPU: compute this many of those blocks side by side (default: as training and "
         "evaluation do, for train 2 up to ViT-B's width and 1 above, for infer 1)",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        default=None,
+        help=f"after the timed steps, trace {PROFILE_STEPS} more with jax.profiler into DIR "
+        "(TensorBoard/XProf and Perfetto files) and print their kernel time by kind and the "
+        "costliest kernels",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
@@ -371,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
             remat=args.remat, shard_params=args.shard_params,
             cpu_block_tokens=args.cpu_block_tokens, attention=args.attention,
-            cpu_blocks_at_once=args.cpu_blocks_at_once,
+            cpu_blocks_at_once=args.cpu_blocks_at_once, profile_dir=args.profile,
         )  # fmt: skip
     except ValueError as e:  # an unknown model, an image size the patch size does not divide
         print(f"error: {e}", file=sys.stderr)
@@ -408,6 +519,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"of peak            {r['percent_of_peak']:.1f} %")
     print(f"attention          {r['attention']} ({ATTENTION_KERNELS[r['attention']]})")
     _print_memory(r)
+    if "profile" in r:
+        _print_profile(r["profile"], r["platform"])
+
+
+def _print_profile(p: dict[str, Any], platform: str) -> None:
+    kinds = ", ".join(f"{k} {ms:.1f}" for k, ms in p["by_kind_ms"].items())
+    what = "thread time" if platform == "cpu" else "kernel time"
+    print(f"profile            {p['trace']}")
+    print(f"profiled kernels   {p['kernel_ms_per_step']:.1f} ms {what} per step ({kinds})")
+    for t in p["top"]:
+        print(f"  {t['ms_per_step']:8.2f} ms {t['calls_per_step']:6.0f}x  {t['name'][:90]}")
 
 
 def _print_memory(r: dict[str, Any]) -> None:
