@@ -155,7 +155,9 @@ def profile(fn: Callable[[], Any], log_dir: str, steps: int = PROFILE_STEPS) -> 
         for _ in range(steps):
             jax.block_until_ready(fn())
     traces = glob.glob(os.path.join(log_dir, "plugins", "profile", "*", "perfetto_trace.json.gz"))
-    path = max(traces, key=os.path.getmtime)
+    if not traces:
+        raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {log_dir}")
+    path = max(traces, key=os.path.getmtime)  # this run's, if the folder holds earlier ones
     with gzip.open(path, "rt") as f:
         events = json.load(f)["traceEvents"]
     return {"trace": path, **kernel_times(events, steps)}
