@@ -45,5 +45,11 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path_factory, monkeypatch):
-    """Every test gets an empty $VIT_JAX_CACHE (downloads, image-folder scan cache), not ~/.cache."""
+    """Every test gets an empty $VIT_JAX_CACHE (downloads, image-folder scan cache), not ~/.cache,
+    and its own temporary folder ($TMPDIR, `tempfile.tempdir`, for the processes it starts too)
+    under pytest's, which pytest removes: TFDS makes an empty one in the system's at every builder
+    of a dataset not prepared yet (`DatasetInfo.initialize_from_bucket`) and never removes it."""
     monkeypatch.setenv("VIT_JAX_CACHE", str(tmp_path_factory.mktemp("vit_jax_cache")))
+    tmp = str(tmp_path_factory.mktemp("tmpdir"))
+    monkeypatch.setenv("TMPDIR", tmp)
+    monkeypatch.setattr(tempfile, "tempdir", tmp)
