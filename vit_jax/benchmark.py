@@ -16,6 +16,7 @@ einsums).
 from __future__ import annotations
 
 import argparse
+import glob
 import gzip
 import json
 import os
@@ -146,11 +147,8 @@ def profile(fn: Callable[[], Any], log_dir: str, steps: int = PROFILE_STEPS) -> 
     """Runs `fn` (a compiled step, already warm) `steps` times under `jax.profiler`, writing the
     trace (TensorBoard/XProf, and Perfetto's `perfetto_trace.json.gz`) under `log_dir`; returns
     `kernel_times` of it and the trace's path."""
-    import glob
-
     import jax
 
-    jax.block_until_ready(fn())
     with jax.profiler.trace(log_dir, create_perfetto_trace=True):
         for _ in range(steps):
             jax.block_until_ready(fn())
