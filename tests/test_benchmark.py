@@ -42,12 +42,13 @@ def test_cpu_blocks_are_reported(monkeypatch):
 
 def test_the_attention_that_ran_is_read_from_the_program(monkeypatch):
     # As on a GPU: the fused op, and cuDNN asked for; on this CPU cuDNN refuses and XLA's form runs,
-    # which the benchmark reports, reading the lowered program rather than what was asked for.
+    # which the benchmark reports, reading the lowered program rather than what was asked for. (The
+    # per-token variant: the class-token one's only block would ask one query, in XLA's attention.)
     monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *a, **k: 100.0)
     monkeypatch.setattr(models, "use_fused_attention", lambda: True)
     monkeypatch.setattr(models, "fused_attention_implementation", lambda *a: "cudnn")
     with pytest.warns(RuntimeWarning, match="cuDNN attention is not available here"):
-        r = benchmark.run("testing", 32, 4, "infer", dtype="bfloat16", steps=1)
+        r = benchmark.run("testing-unpooled", 32, 4, "infer", dtype="bfloat16", steps=1)
     assert r["attention"] == "xla"
 
     class Lowered:  # what a program that reached cuDNN holds

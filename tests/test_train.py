@@ -834,12 +834,21 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         monkeypatch.setattr(models, "cuda_compute_capability", lambda device, c=capability: c)
         step = train.make_train_step(model, tx, config, parallel.data_mesh())  # traced anew
         text, calls = lowered(step, platform, state, batch)
-        # cuDNN's flash attention forward and backward in both layers on the GPU; XLA's on the TPU.
-        assert {name: calls[name] for name in cudnn} == dict.fromkeys(cudnn, 2 if capability else 0)
-        # For cuDNN the token sequence is padded from 5 to 6 once (`models.Encoder`), not q, k and
-        # v in every layer; 8x5x16 is the class token's gradient.
-        pads = set(re.findall(r"stablehlo.pad .*-> tensor<(\S+)>", text))
-        assert pads == ({"8x5x16xf32", "8x6x16xf32"} if capability else {"8x5x16xf32"})
+        # cuDNN's flash attention forward and backward in the first block on the GPU (the last one
+        # asks the class token's query alone, in XLA's attention); XLA's on the TPU.
+        assert {name: calls[name] for name in cudnn} == dict.fromkeys(cudnn, 1 if capability else 0)
+        # For cuDNN the token sequence is padded from 5 to 6 once (`models.Encoder`, and the
+        # gradient's negative pad), not q, k and v in every layer. The other pads are the gradients
+        # of the last block's class-token slices (of its input, and of its LayerNorm's output).
+        pads = re.findall(
+            r"stablehlo.pad .*: \(tensor<(\S+)>, tensor<\w+>\) -> tensor<(\S+)>", text
+        )
+        n = 6 if capability else 5
+        class_token = {("8x1x16xf32", f"8x{n}x16xf32"), ("8x1x16xbf16", f"8x{n}x16xbf16")}
+        sequence = {("8x5x16xf32", "8x6x16xf32"), ("8x6x16xf32", "8x5x16xf32")}
+        assert len(pads) == len(set(pads)) and set(pads) == class_token | (
+            sequence if capability else set()
+        )
         assert not [name for name in calls if "callback" in name]  # no host round trip in a step
         assert "stablehlo.while" not in text  # no CPU cache blocks
         # Every buffer of the state is donated (reused for the new state).
@@ -847,16 +856,21 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         dots = re.findall(r"stablehlo.dot_general .*", text)
         # All products in bfloat16 but the head's three (forward, two gradients), kept in float32.
         assert len(dots) > 20 and len([d for d in dots if "bf16" not in d]) == 3
-        # The Dense layers' 36 products (6 layers per block, forward and two gradients, 2 blocks)
-        # take the (N*L, features) tokens and give bfloat16, accumulated in float32 in the kernel.
+        # The Dense layers' products (forward and two gradients) take flat tokens and give bfloat16,
+        # accumulated in float32 in the kernel: the first block's 6 layers and the last block's key
+        # and value on all N*L tokens (24), the last block's query, out and MLP on the 8 class
+        # tokens alone (12).
         tokens = f"tensor<{8 * (6 if capability else 5)}x"
         patches = "tensor<8x2x2x48xbf16>"  # the patch embedding's (its kernel is 48x16 too)
         dense = [d for d in dots if tokens in d and patches not in d]
-        assert len(dense) == 36 and all(re.search(r"-> tensor<\S+xbf16>", d) for d in dense)
+        assert len(dense) == 24 and all(re.search(r"-> tensor<\S+xbf16>", d) for d in dense)
+        class_tokens = [d for d in dots if re.search(r"\(tensor<8x(16|2x8)xbf16>,", d)]
+        assert len(class_tokens) == 12
+        assert all(re.search(r"-> tensor<\S+xbf16>", d) for d in class_tokens)
         # Evaluation (and so predictions) runs the same forward kernels.
         eval_step = train.make_eval_step(model, cpu_block_tokens=0)
         _, calls = lowered(eval_step, platform, params["params"], batch)
-        assert calls[cudnn[0]] == (2 if capability else 0) and calls[cudnn[1]] == 0
+        assert calls[cudnn[0]] == (1 if capability else 0) and calls[cudnn[1]] == 0
 
 
 def test_evaluation_in_cpu_blocks_equals_the_whole_batch():
