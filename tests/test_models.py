@@ -651,8 +651,8 @@ def test_a_class_token_head_runs_the_last_block_on_the_class_token_alone(monkeyp
 
     (loss, grads), rows = run(model)
     assert rows == ["10", "2"]  # the first block's 2*5 tokens, the last block's 2 class tokens
-    with monkeypatch.context() as m:
-        m.setattr(models.VisionTransformer, "_class_token_only", lambda self: False)
+    with monkeypatch.context() as mp:
+        mp.setattr(models.VisionTransformer, "_class_token_only", lambda self: False)
         (want_loss, want_grads), want_rows = run(model)
     assert want_rows == ["10"]
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)

@@ -843,6 +843,7 @@ def test_the_gpu_and_tpu_training_steps_lower_for_them(monkeypatch):
         pads = re.findall(
             r"stablehlo.pad .*: \(tensor<(\S+)>, tensor<\w+>\) -> tensor<(\S+)>", text
         )
+        pads = [(a, b) for a, b in pads if a != b]  # jax 0.8 adds a no-op pad, 8x1x16 to 8x1x16
         n = 6 if capability else 5
         class_token = {("8x1x16xf32", f"8x{n}x16xf32"), ("8x1x16xbf16", f"8x{n}x16xbf16")}
         sequence = {("8x5x16xf32", "8x6x16xf32"), ("8x6x16xf32", "8x5x16xf32")}
