@@ -203,13 +203,23 @@ def attention_path(attention: str, dtype: Dtype, head_dim: int) -> str:
 
 
 def layer_attention(
-    attention: str, dtype: Dtype, head_dim: int, *, dropout: bool, keep_weights: bool
+    attention: str,
+    dtype: Dtype,
+    head_dim: int,
+    *,
+    dropout: bool,
+    keep_weights: bool,
+    few_queries: bool = False,
 ) -> str:
     """The attention one layer's call runs: `attention_path`'s, except "einsum" for a call with
     attention dropout (`dropout`) or one that keeps the attention weights (`keep_weights`), which only
-    the einsum form forms."""
+    the einsum form forms, and "xla" instead of "cudnn" for a call where only a few tokens ask
+    queries (`few_queries`: JAX cannot differentiate cuDNN's at an odd number of queries, and a few
+    gain nothing from flash attention)."""
     path = attention_path(attention, dtype, head_dim)
-    return "einsum" if dropout or keep_weights else path
+    if dropout or keep_weights:
+        return "einsum"
+    return "xla" if few_queries and path == "cudnn" else path
 
 
 def fused_attention(
@@ -436,8 +446,8 @@ class MultiHeadDotProductAttention(nn.Module):
     attends to; their rows of the output are computed but mean nothing.
 
     `query_tokens`: only the first `query_tokens` tokens ask queries, all L give keys and values;
-    the output is then (N, query_tokens, D). XLA's attention stands in for cuDNN's there (JAX cannot
-    differentiate cuDNN's at an odd number of queries, and a few queries gain nothing from it).
+    the output is then (N, query_tokens, D). XLA's attention stands in for cuDNN's there
+    (`layer_attention`'s `few_queries`).
     """
 
     num_heads: int
@@ -481,10 +491,13 @@ class MultiHeadDotProductAttention(nn.Module):
         use_dropout = not deterministic and self.dropout_rate > 0.0
         keep_weights = self.is_mutable_collection("intermediates")
         path = layer_attention(
-            self.attention, self.dtype, head_dim, dropout=use_dropout, keep_weights=keep_weights
+            self.attention,
+            self.dtype,
+            head_dim,
+            dropout=use_dropout,
+            keep_weights=keep_weights,
+            few_queries=query_tokens is not None,
         )
-        if query_tokens is not None and path == "cudnn":
-            path = "xla"
         if path != "einsum":
             y = fused_attention(
                 *(t.astype(self.dtype) for t in (q, k, v)),
@@ -677,23 +690,22 @@ class Encoder(nn.Module):
         params = self.variables["params"]
         per_block = [params[f"encoderblock_{i}"] for i in range(self.num_layers)]
 
-        @jax.checkpoint
+        @functools.partial(jax.checkpoint, static_argnums=(3,))
+        def apply_block(
+            p: Any, y: jax.Array, key: jax.Array | None, query_tokens: int | None
+        ) -> jax.Array:
+            return block.apply({"params": p}, y, deterministic, key, kv_length, query_tokens)
+
         def step(y: jax.Array, layer: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
             p, key = layer
-            return block.apply({"params": p}, y, deterministic, key, kv_length), None
+            return apply_block(p, y, key, None), None
 
         scanned = self.num_layers - (output_tokens is not None)
         if scanned:
             stacked = jax.tree.map(lambda *p: jnp.stack(p), *per_block[:scanned])
             x, _ = jax.lax.scan(step, x, (stacked, None if keys is None else keys[:scanned]))
         if output_tokens is not None:
-            key = None if keys is None else keys[-1]
-            last = jax.checkpoint(
-                lambda p, y, k: block.apply(
-                    {"params": p}, y, deterministic, k, kv_length, output_tokens
-                )
-            )
-            x = last(per_block[-1], x, key)
+            x = apply_block(per_block[-1], x, None if keys is None else keys[-1], output_tokens)
         return x
 
 
