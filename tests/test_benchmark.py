@@ -16,6 +16,7 @@ def test_infer_and_train_figures_are_consistent():
     train = benchmark.run("testing", image_size=32, batch=4, mode="train", steps=2)
     for r in (infer, train):
         assert r["img_s"] == pytest.approx(4 / r["median_step_s"])
+        assert r["steps"] == 2 and r["min_step_s"] <= r["median_step_s"] <= r["max_step_s"]
         assert r["img_s_per_device"] == pytest.approx(r["img_s"] / r["devices"])
         assert r["achieved_gflops"] == pytest.approx(r["gflops_per_image"] * r["img_s"])
         assert r["percent_of_peak"] == pytest.approx(

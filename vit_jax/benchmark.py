@@ -5,12 +5,12 @@
     python -m vit_jax.benchmark --mode input --image_size 384      # preprocessing img/s, CIFAR-shaped
     python -m vit_jax.benchmark --mode train --profile /tmp/prof   # + kernel time by kind, top kernels
 
-Prints compile time, median step time, img/s (total and per device), model GFLOPs per image (XLA's
-count of the forward pass, attention counted in its einsum form; a training step counts 3x), achieved
-GFLOP/s, and that as a percentage of the peak matmul GFLOP/s of the same devices and dtype (all devices
-at once, the best of a few square sizes, measured before and after the model; the higher figure
-counts), and which attention the program runs (cuDNN flash attention, XLA's fused form, or XLA:CPU's
-einsums).
+Prints compile time, median step time (and the fastest and slowest step), img/s (total and per
+device), model GFLOPs per image (XLA's count of the forward pass, attention counted in its einsum form;
+a training step counts 3x), achieved GFLOP/s, and that as a percentage of the peak matmul GFLOP/s of
+the same devices and dtype (all devices at once, the best of a few square sizes, measured before and
+after the model; the higher figure counts), and which attention the program runs (cuDNN flash
+attention, XLA's fused form, or XLA:CPU's einsums).
 """
 
 from __future__ import annotations
@@ -258,6 +258,7 @@ def run(
         dtype = default_compute_dtype().name
     result: dict[str, Any] = {
         "model": model_name, "mode": mode, "dtype": dtype, "batch": batch, "image_size": image_size,
+        "steps": steps,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "remat": remat, "shard_params": shard_params, "glibc_hugetlb": huge_pages_setting(),
     }  # fmt: skip
@@ -387,6 +388,8 @@ def run(
         **result,
         "compile_s": compile_s,
         "median_step_s": median,
+        "min_step_s": min(times),
+        "max_step_s": max(times),
         "img_s": batch / median,
         "img_s_per_device": batch / median / jax.device_count(),
         "gflops_per_image": gflops_image * flops_factor,
@@ -416,7 +419,7 @@ def _input_throughput(image_size: int, batch: int, steps: int) -> dict[str, Any]
     for _ in range(n):
         next(it)
     seconds = time.perf_counter() - t0
-    return {"img_s": n * batch / seconds, "median_step_s": seconds / n}
+    return {"img_s": n * batch / seconds, "median_step_s": seconds / n, "steps": n}
 
 
 @interruptible
@@ -508,6 +511,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if r.get("micro_batches", 1) > 1
             else ""
         )
+    )
+    print(
+        f"fastest, slowest   {1000 * r['min_step_s']:.1f}, {1000 * r['max_step_s']:.1f} ms "
+        f"(of {r['steps']} timed)"
     )
     print(f"throughput         {r['img_s']:.1f} img/s ({r['img_s_per_device']:.1f} per device)")
     print(
