@@ -166,7 +166,8 @@ def kernel_times(events: list[dict[str, Any]], steps: int, top: int = 10) -> dic
 
     Kernels are the complete ("X") events of accelerator processes (`/device:...`: GPU kernels, by
     kernel or fusion name) or, on XLA:CPU, the host events that carry an `hlo_op` (its thunks, timed on
-    whichever thread ran them; threads overlap, so on CPU the sum is thread time, not wall time).
+    whichever thread ran them; threads overlap, so on CPU the sum is thread time, not wall time, and
+    it undercounts Eigen's `dot`/`dot_general`, which XLA:CPU runs partly outside their thunks' events).
     A host event that holds others on its thread (a while loop's thunk) is left out and its parts
     counted; GPU kernels are all counted (those of one stream can overlap in the trace).
     Returns `kernel_ms_per_step`, `by_kind_ms` (attention, matmul, other; by name, see `_KINDS`) and
