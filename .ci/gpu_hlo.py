@@ -1,0 +1,207 @@
+"""Compiles the benchmark's training step for an NVIDIA GPU on a machine without one, and prints
+where the compiled step moves memory: bytes in and out of each fusion of the entry computation,
+by kind, with the matrix products (GEMM fusions, cuBLAS calls) and cuDNN's attention apart.
+
+Not run by CI. For changes that touch the GPU program when no GPU is at hand:
+
+    pip install 'jax[cuda13]==<the installed jax version>'
+    python .ci/gpu_hlo.py --model ViT-B_16 --image_size 384 --batch 64 [--top 20] [--hlo FILE]
+
+XLA compiles for a described GPU (an H200 by default: `--spec FILE` takes another GpuTargetConfig
+text proto) with no device attached, so nothing is autotuned: the products' kernels and tile sizes
+are XLA's defaults, not those a GPU would pick, and some shapes do not compile at all (e.g. the
+`--attention xla` step of ViT-B/16 at 384 px: "Couldn't find output tile sizes"). Layouts and the
+fusions around the products are the ones a GPU gets. The byte counts assume that each fusion reads
+each operand and writes each result once; divided by the memory bandwidth they are a lower bound on
+the fusions' time, not a measurement.
+"""
+
+import argparse
+import collections
+import math
+import re
+import sys
+from typing import Any
+
+# An H200 as XLA's GpuTargetConfig describes a GPU (NVIDIA's datasheet figures: 132 SMs, 4.8 TB/s,
+# 141 GB of HBM3e, 50 MiB of L2, compute capability 9.0).
+H200 = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 150323855360
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+device_description_str: "NVIDIA H200"
+"""
+
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+BYTES |= {"s64": 8, "u64": 8, "f64": 8}
+SHAPE = re.compile(r"\b(\w+)\[([\d,]*)\]")
+INSTRUCTION = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z\-]+)\((.*?)\)(.*)$")
+SKIPPED = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape in `text` (an HLO result type, a tuple's summed)."""
+    total = 0
+    for dtype, dims in SHAPE.findall(text):
+        if dtype in BYTES:
+            total += BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def traffic(hlo: str) -> list[dict[str, Any]]:
+    """One row per instruction of the entry computation of compiled HLO text that does work: its
+    name, class (gemm, cudnn, or the fusion kind with +T when it transposes and +R when it reduces),
+    operand and result bytes, result type and the op_name of its metadata."""
+    bodies = {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, re.M | re.S)
+    }
+    entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1)
+    sizes: dict[str, int] = {}
+    rows = []
+    for line in bodies[entry].splitlines():
+        m = INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, result, opcode, operands, rest = m.groups()
+        sizes[name] = shape_bytes(result)
+        if opcode in SKIPPED:
+            continue
+        kind = re.search(r"kind=(k\w+)", rest)
+        calls = re.search(r"calls=%([\w.\-]+)", rest)
+        if "cudnn" in rest:
+            cls = "cudnn"
+        elif "gemm" in rest or "cublas" in rest:
+            cls = "gemm"
+        elif kind:
+            body = bodies.get(calls.group(1), "") if calls else ""
+            cls = kind.group(1) + ("+T" if " transpose(" in body else "")
+            cls += "+R" if " reduce(" in body else ""
+        else:
+            cls = opcode
+        op_name = re.search(r'op_name="([^"]*)"', rest)
+        rows.append({
+            "name": name, "class": cls, "result": result,
+            "in": sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands)),
+            "out": sizes[name], "op_name": op_name.group(1) if op_name else "",
+        })  # fmt: skip
+    return rows
+
+
+def compile_step(args: argparse.Namespace, spec: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", topology="1x1x1", target_config=spec
+        )
+    except Exception as e:  # no CUDA plugin, or one that cannot describe the target
+        sys.exit(
+            f"cannot compile for a GPU here ({str(e).splitlines()[0][:200]}): install jax's "
+            "CUDA plugin of the installed jax's version, pip install 'jax[cuda13]==VERSION'"
+        )
+    devices = list(topology.devices)
+    # The model and training code ask the attached devices which kernels and blocking to use.
+    jax.default_backend = lambda: "gpu"
+    jax.local_devices = lambda *a, **k: devices
+    from vit_jax import models, parallel, train
+
+    models.cuda_compute_capability = lambda device: (9, 0)
+    model = models.get_model(
+        args.model, num_classes=1000, dtype=jnp.dtype(args.dtype), attention=args.attention
+    )
+    mesh = parallel.data_mesh(devices)
+    config = train.default_config()
+    config.batch, config.accum_steps, config.warmup_steps = args.batch, 1, 0
+    config.optimizer, config.momentum_dtype = "sgd", "float32"  # as the benchmark's step
+    tx = train.make_optimizer(config)
+    size = args.image_size
+    params = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros((1, size, size, 3)), train=False)["params"],
+        jax.random.key(0),
+    )
+    abstract = jax.eval_shape(lambda p: train.initial_state(p, tx), params)
+    shardings = parallel.state_shardings(abstract, mesh, False)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    data = NamedSharding(mesh, P("data"))
+    batch = {
+        "image": jax.ShapeDtypeStruct((args.batch, size, size, 3), jnp.float32, sharding=data),
+        "label": jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=data),
+    }
+    step = train.make_train_step(model, tx, config, mesh, shardings)
+    return step.lower(state, batch).compile()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B_16")
+    parser.add_argument("--image_size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--attention", default="cudnn")
+    parser.add_argument("--spec", help="a GpuTargetConfig text proto (default: an H200)")
+    parser.add_argument("--top", type=int, default=15, help="the costliest op_names to list")
+    parser.add_argument("--hlo", help="also write the compiled HLO text here")
+    args = parser.parse_args()
+    spec = H200
+    if args.spec:
+        with open(args.spec) as f:
+            spec = f.read()
+    compiled = compile_step(args, spec)
+    hlo = compiled.as_text()
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(hlo)
+    memory = compiled.memory_analysis()
+    bandwidth = float(re.search(r"memory_bandwidth: (\d+)", spec).group(1))
+    rows = traffic(hlo)
+    print(
+        f"{args.model} {args.image_size} px, batch {args.batch}, {args.dtype}, "
+        f"{args.attention} attention: temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB"
+    )
+    by_class: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    by_op: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
+    for r in rows:
+        by_class[r["class"]][0] += 1
+        by_class[r["class"]][1] += r["in"] + r["out"]
+        if r["class"] not in ("gemm", "cudnn"):
+            op = re.sub(r"encoderblock_\d+", "encoderblock_*", r["op_name"])
+            by_op[r["class"], op][0] += 1
+            by_op[r["class"], op][1] += r["in"] + r["out"]
+    print(f"{'class':14s} {'count':>6s} {'GB':>8s} {'ms at the bandwidth':>20s}")
+    for cls, (n, b) in sorted(by_class.items(), key=lambda kv: -kv[1][1]):
+        print(f"{cls:14s} {n:6d} {b / 1e9:8.2f} {b / bandwidth * 1e3:20.2f}")
+    other = sum(b for cls, (_, b) in by_class.items() if cls not in ("gemm", "cudnn"))
+    print(f"outside the products and attention: {other / 1e9:.2f} GB, "
+          f"{other / bandwidth * 1e3:.2f} ms at {bandwidth / 1e12:.1f} TB/s")  # fmt: skip
+    print(f"fusions that transpose: {sum('+T' in r['class'] for r in rows)}")
+    for (cls, op), (n, b) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(f"{b / 1e9:7.2f} GB {n:4d}  {cls:10s} {op}")
+
+
+if __name__ == "__main__":
+    main()
