@@ -705,6 +705,29 @@ def test_gelu_is_flax_gelu_with_an_exact_slope():
     np.testing.assert_allclose(got.astype(np.float32), exact, rtol=2**-8, atol=2**-12)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_position_embedding_sum_and_gradients_are_the_plain_ones(dtype):
+    kx, kp, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (4, 5, 8), dtype)
+    pe = jax.random.normal(kp, (1, 5, 8), jnp.float32)
+    g = jax.random.normal(kg, (4, 5, 8), dtype)
+    out, vjp = jax.vjp(models.add_position_embedding, x, pe)
+    plain_out, plain_vjp = jax.vjp(lambda x, pe: x + pe.astype(x.dtype), x, pe)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, plain_out)
+    (g_x, g_pe), (plain_g_x, plain_g_pe) = vjp(g), plain_vjp(g)
+    np.testing.assert_array_equal(g_x, plain_g_x)
+    assert g_pe.dtype == jnp.float32 and g_pe.shape == (1, 5, 8)
+    np.testing.assert_allclose(g_pe, np.asarray(g, np.float64).sum(0, keepdims=True), rtol=1e-6)
+    # The plain sum of bfloat16 cotangents rounds to bfloat16; this one accumulates in float32.
+    tol = {"rtol": 1e-6} if dtype == jnp.float32 else {"rtol": 2**-7, "atol": 2**-6}
+    np.testing.assert_allclose(g_pe, plain_g_pe, **tol)
+    # What keeps XLA's GPU layout assignment off a batch-minor token stream (see the docstring):
+    # the batch sum reads its operand through an optimization barrier. (No GPU compiles here.)
+    jaxpr = str(jax.make_jaxpr(lambda g: vjp(g)[1])(g))
+    assert "optimization_barrier" in jaxpr and "reduce_sum" in jaxpr
+
+
 def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
     """Through nn.gelu, XLA keeps each MLP activation's tanh for the backward pass as well: the
     compiled training step holds more temporaries."""
