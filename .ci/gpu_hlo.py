@@ -1,11 +1,12 @@
 """Compiles the benchmark's training step for an NVIDIA GPU on a machine without one, and prints
-where the compiled step moves memory: bytes in and out of each fusion of the entry computation,
-by kind, with the matrix products (GEMM fusions, cuBLAS calls) and cuDNN's attention apart.
+where the compiled step moves memory: bytes in and out of each fusion of the entry computation
+and of its micro-batch loop (times the loop's trip count), by kind, with the matrix products (GEMM fusions, cuBLAS calls) and cuDNN's attention apart.
 
 Not run by CI. For changes that touch the GPU program when no GPU is at hand:
 
     pip install 'jax[cuda13]==<the installed jax version>'
-    python .ci/gpu_hlo.py --model ViT-B_16 --image_size 384 --batch 64 [--top 20] [--hlo FILE]
+    python .ci/gpu_hlo.py --model ViT-B_16 --image_size 384 --batch 64 [--accum_steps 8]
+        [--top 20] [--hlo FILE]
 
 XLA compiles for a described GPU (an H200 by default: `--spec FILE` takes another GpuTargetConfig
 text proto) with no device attached, so nothing is autotuned: the products' kernels and tile sizes
@@ -67,42 +68,54 @@ def shape_bytes(text: str) -> int:
 
 
 def traffic(hlo: str) -> list[dict[str, Any]]:
-    """One row per instruction of the entry computation of compiled HLO text that does work: its
-    name, class (gemm, cudnn, or the fusion kind with +T when it transposes and +R when it reduces),
-    operand and result bytes, result type and the op_name of its metadata."""
+    """One row per instruction that does work in the entry computation of compiled HLO text, and in
+    the bodies of its while loops (a micro-batch loop, `--accum_steps`): its name, how many times it
+    runs (a loop's known trip count), class (gemm, cudnn, or the fusion kind with +T when it
+    transposes and +R when it reduces), operand and result bytes of one run, result type, and the
+    op_name of its metadata."""
     bodies = {
         m.group(1): m.group(2)
         for m in re.finditer(r"^(?:ENTRY )?%([\w.\-]+) [^\n]*\{\n(.*?)^\}", hlo, re.M | re.S)
     }
-    entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1)
-    sizes: dict[str, int] = {}
-    rows = []
-    for line in bodies[entry].splitlines():
-        m = INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, result, opcode, operands, rest = m.groups()
-        sizes[name] = shape_bytes(result)
-        if opcode in SKIPPED:
-            continue
-        kind = re.search(r"kind=(k\w+)", rest)
-        calls = re.search(r"calls=%([\w.\-]+)", rest)
-        if "cudnn" in rest:
-            cls = "cudnn"
-        elif "gemm" in rest or "cublas" in rest:
-            cls = "gemm"
-        elif kind:
-            body = bodies.get(calls.group(1), "") if calls else ""
-            cls = kind.group(1) + ("+T" if " transpose(" in body else "")
-            cls += "+R" if " reduce(" in body else ""
-        else:
-            cls = opcode
-        op_name = re.search(r'op_name="([^"]*)"', rest)
-        rows.append({
-            "name": name, "class": cls, "result": result,
-            "in": sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands)),
-            "out": sizes[name], "op_name": op_name.group(1) if op_name else "",
-        })  # fmt: skip
+    rows: list[dict[str, Any]] = []
+
+    def walk(computation: str, times: int) -> None:
+        sizes: dict[str, int] = {}
+        for line in bodies[computation].splitlines():
+            m = INSTRUCTION.match(line)
+            if not m:
+                continue
+            name, result, opcode, operands, rest = m.groups()
+            sizes[name] = shape_bytes(result)
+            if opcode == "while":
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+                walk(
+                    re.search(r"body=%([\w.\-]+)", rest).group(1),
+                    times * int(trips.group(1) if trips else 1),
+                )
+                continue
+            if opcode in SKIPPED:
+                continue
+            kind = re.search(r"kind=(k\w+)", rest)
+            calls = re.search(r"calls=%([\w.\-]+)", rest)
+            if "cudnn" in rest:
+                cls = "cudnn"
+            elif "gemm" in rest or "cublas" in rest:
+                cls = "gemm"
+            elif kind:
+                body = bodies.get(calls.group(1), "") if calls else ""
+                cls = kind.group(1) + ("+T" if " transpose(" in body else "")
+                cls += "+R" if " reduce(" in body else ""
+            else:
+                cls = opcode
+            op_name = re.search(r'op_name="([^"]*)"', rest)
+            rows.append({
+                "name": name, "times": times, "class": cls, "result": result,
+                "in": sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands)),
+                "out": sizes[name], "op_name": op_name.group(1) if op_name else "",
+            })  # fmt: skip
+
+    walk(re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1), 1)
     return rows
 
 
@@ -134,7 +147,7 @@ def compile_step(args: argparse.Namespace, spec: str) -> Any:
     )
     mesh = parallel.data_mesh(devices)
     config = train.default_config()
-    config.batch, config.accum_steps, config.warmup_steps = args.batch, 1, 0
+    config.batch, config.accum_steps, config.warmup_steps = args.batch, args.accum_steps, 0
     config.optimizer, config.momentum_dtype = "sgd", "float32"  # as the benchmark's step
     tx = train.make_optimizer(config)
     size = args.image_size
@@ -163,6 +176,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--attention", default="cudnn")
+    parser.add_argument("--accum_steps", type=int, default=1, help="micro-batches per step")
     parser.add_argument("--spec", help="a GpuTargetConfig text proto (default: an H200)")
     parser.add_argument("--top", type=int, default=15, help="the costliest op_names to list")
     parser.add_argument("--hlo", help="also write the compiled HLO text here")
@@ -181,24 +195,25 @@ def main() -> None:
     rows = traffic(hlo)
     print(
         f"{args.model} {args.image_size} px, batch {args.batch}, {args.dtype}, "
-        f"{args.attention} attention: temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB"
+        f"{args.attention} attention, {args.accum_steps} micro-batches: temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB"
     )
     by_class: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     by_op: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])
     for r in rows:
-        by_class[r["class"]][0] += 1
-        by_class[r["class"]][1] += r["in"] + r["out"]
+        moved = (r["in"] + r["out"]) * r["times"]
+        by_class[r["class"]][0] += r["times"]
+        by_class[r["class"]][1] += moved
         if r["class"] not in ("gemm", "cudnn"):
             op = re.sub(r"encoderblock_\d+", "encoderblock_*", r["op_name"])
-            by_op[r["class"], op][0] += 1
-            by_op[r["class"], op][1] += r["in"] + r["out"]
-    print(f"{'class':14s} {'count':>6s} {'GB':>8s} {'ms at the bandwidth':>20s}")
+            by_op[r["class"], op][0] += r["times"]
+            by_op[r["class"], op][1] += moved
+    print(f"{'class':14s} {'runs':>6s} {'GB':>8s} {'ms at the bandwidth':>20s}")
     for cls, (n, b) in sorted(by_class.items(), key=lambda kv: -kv[1][1]):
         print(f"{cls:14s} {n:6d} {b / 1e9:8.2f} {b / bandwidth * 1e3:20.2f}")
     other = sum(b for cls, (_, b) in by_class.items() if cls not in ("gemm", "cudnn"))
     print(f"outside the products and attention: {other / 1e9:.2f} GB, "
           f"{other / bandwidth * 1e3:.2f} ms at {bandwidth / 1e12:.1f} TB/s")  # fmt: skip
-    print(f"fusions that transpose: {sum('+T' in r['class'] for r in rows)}")
+    print(f"fusions that transpose: {sum(r['times'] for r in rows if '+T' in r['class'])} runs")
     for (cls, op), (n, b) in sorted(by_op.items(), key=lambda kv: -kv[1][1])[: args.top]:
         print(f"{b / 1e9:7.2f} GB {n:4d}  {cls:10s} {op}")
 
