@@ -311,8 +311,8 @@ def add_position_embedding(x: jax.Array, pe: jax.Array) -> jax.Array:
     block's residual adds and LayerNorms then run on (L, D, N) float32 arrays, transposed to and from
     the (N, L, D) ones the matmuls read (seen in profiles of the step on an H200). With the barrier
     and the flat view (either one alone does not do it), ViT-B/16's bfloat16 training step at 384 px,
-    batch 64, compiled for an H100-class GPU, has none of those transposes and its non-matmul
-    fusions move 54.6 GB per step instead of 72.3.
+    batch 64, compiled for an H200 (`.ci/gpu_hlo.py`), has none of those transposes and its
+    non-matmul fusions move 54.6 GB per step instead of 72.3.
     """
     return x + pe.astype(x.dtype)
 
