@@ -13,7 +13,8 @@ text proto) with no device attached, so nothing is autotuned: the products' kern
 are XLA's defaults, not those a GPU would pick, and some shapes do not compile at all (e.g. the
 `--attention xla` step of ViT-B/16 at 384 px: "Couldn't find output tile sizes"). Layouts and the
 fusions around the products are the ones a GPU gets. The byte counts assume that each fusion reads
-each operand and writes each result once; divided by the memory bandwidth they are a lower bound on
+each operand and writes each result once (an in-place dynamic-update-slice only its update, a
+dynamic-slice only what it returns); divided by the memory bandwidth they are a lower bound on
 the fusions' time, not a measurement.
 """
 
@@ -98,12 +99,20 @@ def traffic(hlo: str) -> list[dict[str, Any]]:
                 continue
             kind = re.search(r"kind=(k\w+)", rest)
             calls = re.search(r"calls=%([\w.\-]+)", rest)
+            body = bodies.get(calls.group(1), "") if calls else ""
+            reads = [sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands)]
+            writes = sizes[name]
+            if reads and (" dynamic-update-slice(" in body or opcode == "dynamic-update-slice"):
+                # In place: only the update is read and written, not the buffer it lands in.
+                reads.remove(max(reads))
+                writes = sum(reads)
+            elif reads and (" dynamic-slice(" in body or opcode == "dynamic-slice"):
+                reads[reads.index(max(reads))] = writes  # reads only the slice it returns
             if "cudnn" in rest:
                 cls = "cudnn"
             elif "gemm" in rest or "cublas" in rest:
                 cls = "gemm"
             elif kind:
-                body = bodies.get(calls.group(1), "") if calls else ""
                 cls = kind.group(1) + ("+T" if " transpose(" in body else "")
                 cls += "+R" if " reduce(" in body else ""
             else:
@@ -111,8 +120,7 @@ def traffic(hlo: str) -> list[dict[str, Any]]:
             op_name = re.search(r'op_name="([^"]*)"', rest)
             rows.append({
                 "name": name, "times": times, "class": cls, "result": result,
-                "in": sum(sizes.get(o, 0) for o in re.findall(r"%([\w.\-]+)", operands)),
-                "out": sizes[name], "op_name": op_name.group(1) if op_name else "",
+                "in": sum(reads), "out": writes, "op_name": op_name.group(1) if op_name else "",
             })  # fmt: skip
 
     walk(re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1), 1)
