@@ -141,7 +141,7 @@ def compile_step(args: argparse.Namespace, spec: str) -> Any:
     except Exception as e:  # no CUDA plugin, or one that cannot describe the target
         sys.exit(
             f"cannot compile for a GPU here ({str(e).splitlines()[0][:200]}): install jax's "
-            "CUDA plugin of the installed jax's version, pip install 'jax[cuda13]==VERSION'"
+            f"CUDA plugin for this jax, pip install 'jax[cuda13]=={jax.__version__}'"
         )
     devices = list(topology.devices)
     # The model and training code ask the attached devices which kernels and blocking to use.
