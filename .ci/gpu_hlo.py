@@ -1,6 +1,7 @@
 """Compiles the benchmark's training step for an NVIDIA GPU on a machine without one, and prints
 where the compiled step moves memory: bytes in and out of each fusion of the entry computation
-and of its micro-batch loop (times the loop's trip count), by kind, with the matrix products (GEMM fusions, cuBLAS calls) and cuDNN's attention apart.
+and of its micro-batch loop (times the loop's trip count), by kind, with the matrix products (GEMM
+fusions, cuBLAS calls) and cuDNN's attention apart.
 
 Not run by CI. For changes that touch the GPU program when no GPU is at hand:
 
@@ -147,16 +148,14 @@ def compile_step(args: argparse.Namespace, spec: str) -> Any:
     # The model and training code ask the attached devices which kernels and blocking to use.
     jax.default_backend = lambda: "gpu"
     jax.local_devices = lambda *a, **k: devices
-    from vit_jax import models, parallel, train
+    from vit_jax import benchmark, models, parallel, train
 
     models.cuda_compute_capability = lambda device: (9, 0)
     model = models.get_model(
         args.model, num_classes=1000, dtype=jnp.dtype(args.dtype), attention=args.attention
     )
     mesh = parallel.data_mesh(devices)
-    config = train.default_config()
-    config.batch, config.accum_steps, config.warmup_steps = args.batch, args.accum_steps, 0
-    config.optimizer, config.momentum_dtype = "sgd", "float32"  # as the benchmark's step
+    config = benchmark.step_config(args.batch, args.accum_steps)
     tx = train.make_optimizer(config)
     size = args.image_size
     params = jax.eval_shape(
@@ -202,8 +201,9 @@ def main() -> None:
     bandwidth = float(re.search(r"memory_bandwidth: (\d+)", spec).group(1))
     rows = traffic(hlo)
     print(
-        f"{args.model} {args.image_size} px, batch {args.batch}, {args.dtype}, "
-        f"{args.attention} attention, {args.accum_steps} micro-batches: temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB"
+        f"{args.model} {args.image_size} px, batch {args.batch}, {args.dtype}, {args.attention} "
+        f"attention, {args.accum_steps} micro-batches: "
+        f"temporaries {memory.temp_size_in_bytes / 2**30:.2f} GiB"
     )
     by_class: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     by_op: dict[tuple[str, str], list[int]] = collections.defaultdict(lambda: [0, 0])

@@ -28,7 +28,11 @@ SIZE_NAMES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge
 
 def timm_name(variant: dict) -> str:
     """timm's name for a plain ViT of vit_jax's `variant` (a `variants.VARIANTS` entry)."""
-    if "resnet_layers" in variant or variant.get("classifier", "token") != "token":
+    if (
+        "resnet_layers" in variant
+        or variant.get("classifier", "token") != "token"
+        or variant["hidden_size"] not in SIZE_NAMES
+    ):
         raise ValueError("only plain class-token ViTs (ViT-Ti_16 ... ViT-H_14) have a timm twin")
     patch = variant["patch_size"][0]
     return f"vit_{SIZE_NAMES[variant['hidden_size']]}_patch{patch}_224"
@@ -58,7 +62,7 @@ def main() -> None:
         sys.exit(f"unknown model {args.model!r}: use one of {', '.join(VARIANTS)}")
     try:
         name = timm_name(VARIANTS[args.model])
-    except (ValueError, KeyError) as e:
+    except ValueError as e:
         sys.exit(f"{args.model}: {e}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:

@@ -218,6 +218,18 @@ def kernel_times(events: list[dict[str, Any]], steps: int, top: int = 10) -> dic
     }
 
 
+def step_config(batch: int, accum_steps: int = 1) -> Any:
+    """The training configuration of the benchmark's step (`train.default_config()`, an
+    `ml_collections.ConfigDict`): a global `batch` in `accum_steps` micro-batches, SGD with float32
+    momentum, the learning rate past its warm-up."""
+    from vit_jax import train
+
+    config = train.default_config()
+    config.batch, config.accum_steps, config.warmup_steps = batch, accum_steps, 0
+    config.optimizer, config.momentum_dtype = "sgd", "float32"
+    return config
+
+
 def run(
     model_name: str = "ViT-B_16",
     image_size: int = 224,
@@ -324,9 +336,7 @@ def run(
             result["profile"] = profile(lambda: compiled(params, images), profile_dir)
         flops_factor = 1
     elif mode == "train":
-        config = train.default_config()
-        config.batch, config.accum_steps, config.warmup_steps = batch, 1, 0
-        config.optimizer, config.momentum_dtype = "sgd", "float32"
+        config = step_config(batch)
         if cpu_block_tokens is not None:
             config.cpu_block_tokens = cpu_block_tokens
         config.cpu_blocks_at_once = cpu_blocks_at_once or 0  # 0: auto, as in training
