@@ -32,7 +32,7 @@ import tempfile
 SAMPLE_HZ = 999
 RESTARTED = "VIT_JAX_CPU_PERF_RESTARTED"
 
-# (kind, pattern on the symbol), first match wins; XLA's fusions are named by gdb, see main().
+# (kind, pattern on the symbol), first match wins; XLA's fusions are named by gdb (`jit_names`).
 KINDS = (
     ("products: YNNPACK", re.compile(r"^ynn::dot_")),
     ("products: oneDNN (Eigen's)", re.compile(r"^jit_.*(gemm|gemv|brg|matmul|copy_[ab][nt]_kern)")),
