@@ -11,10 +11,10 @@ benchmark's step (`benchmark.run`, `--steps` of them), then runs more steps whil
 samples this process at 999 Hz for `--seconds`, and names what ran: library symbols from `perf`,
 oneDNN's generated kernels from the map it writes with ONEDNN_JIT_PROFILE=2, and XLA's compiled
 kernels (the fusions) through `gdb`, which reads XLA's JIT registrations. It prints the step's
-figures, how busy the cores were (samples against all cores for the whole time) and the sampled CPU
-time by kind: products (YNNPACK's and Eigen/oneDNN's kernels, Eigen's packing), XLA's fusions
-(transposes and copies apart), YNNPACK's other kernels, the kernel (page faults), malloc, and the
-thread pools' own scheduling and waiting.
+figures, how busy the cores were (samples against every core it may run on, for the whole time) and
+the sampled CPU time by kind: products (YNNPACK's and Eigen/oneDNN's kernels, Eigen's packing),
+XLA's fusions (transposes and copies apart), YNNPACK's other kernels, the kernel (page faults),
+malloc, and the thread pools' own scheduling and waiting.
 
 The process restarts itself once, with glibc's huge pages (as the vit_jax commands run) and oneDNN's
 perf map turned on.
@@ -28,6 +28,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 SAMPLE_HZ = 999
 RESTARTED = "VIT_JAX_CPU_PERF_RESTARTED"
@@ -57,7 +59,7 @@ def restart_environment() -> dict[str, str] | None:
     return {**env, "ONEDNN_JIT_PROFILE": "2", RESTARTED: "1"}
 
 
-def sample(fn, seconds: float, out_dir: str) -> tuple[int, str]:
+def sample(fn: Callable[[], Any], seconds: float, out_dir: str) -> tuple[int, str]:
     """Runs `fn` (one step, blocking) until `perf record` has sampled this process for `seconds`;
     returns the steps run and perf.data's path."""
     import jax
@@ -163,10 +165,13 @@ def main() -> None:
             sampled["fusions"] = jit_names([s for s in generated if s.startswith("0x")])
 
         benchmark.profile = perf_profile  # run() calls it after the timed steps
-        result = benchmark.run(
-            args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
-            profile_dir=out_dir,
-        )  # fmt: skip
+        try:
+            result = benchmark.run(
+                args.model, args.image_size, args.batch, args.mode, args.dtype, args.steps,
+                profile_dir=out_dir,
+            )  # fmt: skip
+        except ValueError as e:  # an unknown model, a batch that does not divide, ...
+            sys.exit(str(e))
         if "error" in result:
             sys.exit(result["error"])
         rows, fusions = sampled["rows"], sampled["fusions"]
@@ -175,7 +180,9 @@ def main() -> None:
         os.remove(map_file)
 
     total = sum(samples for samples, *_ in rows)
-    samples_per_cpu = SAMPLE_HZ * args.seconds * (os.cpu_count() or 1)
+    if not total:
+        sys.exit("perf recorded no samples of this process")
+    samples_per_cpu = SAMPLE_HZ * args.seconds * len(os.sched_getaffinity(0))
     by_kind: collections.Counter = collections.Counter()
     by_symbol: collections.Counter = collections.Counter()
     for samples, _, in_kernel, symbol in rows:
