@@ -14,7 +14,7 @@ kernels (the fusions) through `gdb`, which reads XLA's JIT registrations. It pri
 figures, how busy the cores were (samples against every core it may run on, for the whole time) and
 the sampled CPU time by kind: products (YNNPACK's and Eigen/oneDNN's kernels, Eigen's packing),
 XLA's fusions (transposes and copies apart), YNNPACK's other kernels, the kernel (page faults),
-malloc, and the thread pools' own scheduling and waiting.
+malloc and libc's memory copies, and the thread pools' own scheduling and waiting.
 
 The process restarts itself once, with glibc's huge pages (as the vit_jax commands run) and oneDNN's
 perf map turned on.
@@ -41,7 +41,10 @@ KINDS = (
     ("products: Eigen's packing", re.compile(r"gemm_pack|gebp_kernel|TensorContraction")),
     ("YNNPACK, other kernels", re.compile(r"^ynn::")),
     ("thread pools", re.compile(r"ThreadPool|RunQueue|EventCount|slinky::|ThunkExecutor|Worker::")),
-    ("malloc", re.compile(r"malloc|_int_free|cfree|unlink_chunk|memmove|memset|memcpy")),
+    (
+        "malloc, memcpy, memset",
+        re.compile(r"malloc|_int_free|cfree|unlink_chunk|memmove|memset|memcpy"),
+    ),
 )
 REPORT_LINE = re.compile(r"^\s*[\d.]+%\s+(\d+)\s+(.+?)\s+\[(.)\]\s+(.*?)\s*$")
 
@@ -119,12 +122,17 @@ def jit_names(addresses: list[str]) -> dict[str, str]:
     return names
 
 
+def kernel_name(name: str) -> str:
+    """A kernel's name without XLA's numbering of its copies: `copy_bitcast_fusion.12` ->
+    `copy_bitcast_fusion`."""
+    return re.sub(r"[._]\d+$", "", name)
+
+
 def kind_of(symbol: str, in_kernel: bool, fusion: str | None) -> str:
     if in_kernel:
         return "Linux kernel (page faults, scheduling)"
     if fusion is not None:
-        base = re.sub(r"[._]\d+$", "", fusion)
-        if re.match(r"(copy|transpose)", base):
+        if re.match(r"(copy|transpose)", kernel_name(fusion)):
             return "XLA fusions: copies and transposes"
         return "XLA fusions: the rest"
     for kind, pattern in KINDS:
@@ -188,8 +196,7 @@ def main() -> None:
     for samples, _, in_kernel, symbol in rows:
         fusion = fusions.get(symbol)
         by_kind[kind_of(symbol, in_kernel, fusion)] += samples
-        name = re.sub(r"[._]\d+$", "", fusion or re.split(r"[(<]", symbol)[0])
-        by_symbol[name] += samples
+        by_symbol[kernel_name(fusion or re.split(r"[(<]", symbol)[0])] += samples
     print(
         f"{args.model} {args.mode} {args.dtype} batch {args.batch} at {args.image_size}px: median "
         f"step {1000 * result['median_step_s']:.1f} ms, {result['percent_of_peak']:.1f} % of a "
