@@ -439,6 +439,80 @@ def test_float32_attention_takes_mixed_dot_general_for_both_products():
     assert [e.primitive.name for e in jaxpr.jaxpr.eqns].count("custom_vjp_call") == 2
 
 
+@pytest.mark.parametrize(
+    "features,in_axes,shape", [((4, 3), 1, (2, 5, 12)), ((12,), 2, (2, 5, 4, 3))]
+)
+def test_projection_is_flax_dense_general_with_its_bias_apart(features, in_axes, shape):
+    # The attention's layers: nn.DenseGeneral's parameters, initial values included, and its output
+    # as product + bias; a shift of the input reaches the bias through the kernel.
+    x = jax.random.normal(jax.random.key(0), shape)
+    shift = jax.random.normal(jax.random.key(1), shape[-in_axes:])
+    inits = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1))
+    ours = models.Projection(features=features, in_axes=in_axes, **inits)
+    flax_layer = nn.DenseGeneral(features, axis=tuple(range(-in_axes, 0)), **inits)
+    variables = ours.init(jax.random.key(2), x)
+    jax.tree.map(np.testing.assert_array_equal, variables, flax_layer.init(jax.random.key(2), x))
+    y, bias = ours.apply(variables, x)
+    assert y.shape == (*shape[:-in_axes], *features) and bias.shape == features
+    np.testing.assert_allclose(y + bias, flax_layer.apply(variables, x), rtol=1e-6, atol=1e-6)
+    y, bias = ours.apply(variables, x, shift)
+    np.testing.assert_allclose(y + bias, flax_layer.apply(variables, x + shift), atol=1e-5)
+
+
+def _reference_attention(p, x, num_heads, mask=None):
+    """The reference's self-attention, every bias where it adds it: (N, L, D) -> (N, L, D)."""
+    q, k, v = (
+        jnp.einsum("nld,dhk->nlhk", x, p[name]["kernel"]) + p[name]["bias"]
+        for name in ("query", "key", "value")
+    )
+    logits = jnp.einsum("nqhk,nlhk->nhql", q, k) / np.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:  # flax's Dropout: kept weights scaled by 1 / keep
+        weights = jnp.where(mask[0], weights / mask[1], 0.0)
+    y = jnp.einsum("nhql,nlhk->nqhk", weights, v)
+    return jnp.einsum("nqhk,hkd->nqd", y, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("attention,dropout", [("einsum", 0.0), ("xla", 0.0), ("einsum", 0.5)])
+def test_attention_biases_the_softmax_ignores_or_carries_are_moved(attention, dropout):
+    # No key bias (the softmax cancels it), the value bias through the out layer (the weights sum
+    # to 1), except under attention dropout: the reference's outputs and gradients all the same.
+    heads, n, length, d = 2, 2, 5, 8
+    attn = models.MultiHeadDotProductAttention(
+        num_heads=heads, dropout_rate=dropout, attention=attention
+    )
+    x = jax.random.normal(jax.random.key(0), (n, length, d))
+    params = attn.init(jax.random.key(1), x, deterministic=True)["params"]
+    keys = iter(jax.random.split(jax.random.key(2), 4))
+    for name in ("query", "key", "value", "out"):  # biases as large as the rest
+        params[name]["bias"] = jax.random.normal(next(keys), params[name]["bias"].shape)
+    rng = jax.random.key(3)
+    mask = None
+    if dropout:
+        mask = (jax.random.bernoulli(rng, 1 - dropout, (n, heads, length, length)), 1 - dropout)
+
+    def ours(p):
+        return attn.apply({"params": p}, x, deterministic=not dropout, rng=rng)
+
+    np.testing.assert_allclose(
+        ours(params), _reference_attention(params, x, heads, mask), rtol=1e-5, atol=1e-5
+    )
+    cotangent = jax.random.normal(jax.random.key(4), (n, length, d))
+    grads = jax.grad(lambda p: jnp.sum(ours(p) * cotangent))(params)
+    ref = jax.grad(lambda p: jnp.sum(_reference_attention(p, x, heads, mask) * cotangent))(params)
+    # The reference's key-bias gradient is float rounding: 0 in exact arithmetic, 0 here.
+    assert float(jnp.abs(ref["key"]["bias"]).max()) < 1e-5
+    np.testing.assert_array_equal(grads["key"]["bias"], 0.0)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+    # Bias adds over (N*L, heads, head_dim) activations: the query's, and the value's under dropout.
+    jaxpr = jax.make_jaxpr(ours)(params).jaxpr
+    adds = [e for e in jaxpr.eqns if e.primitive.name == "add"]
+    assert sum(e.outvars[0].aval.shape == (n * length, heads, d // heads) for e in adds) == (
+        2 if dropout else 1
+    )
+
+
 def _token_axes_kept(x: jax.Array, dtype: object, feature_axes: int = 1) -> jax.Array:
     """`models.dense_input` as it was before: every Dense layer's input as it comes, (N, L, ...)."""
     return x
@@ -590,10 +664,11 @@ def test_bfloat16_backward_products_take_bfloat16_operands():
     loss = lambda p: jnp.sum(model.apply({"params": p}, images, train=True) ** 2)
     dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
     # Per layer q, k, v, qk^T, weights-v, out and 2 MLP products, plus the patch embedding: 17
-    # bfloat16 products, each run once forward and twice backward; the head computes in float32.
+    # bfloat16 products, each run once forward and twice backward. In float32: the head, and per
+    # layer the value bias carried into the out layer's bias (a vector times the out kernel).
     assert collections.Counter(dtypes) == {
         ("bfloat16", "bfloat16"): 3 * 17,
-        ("float32", "float32"): 3,
+        ("float32", "float32"): 3 * (1 + 2),
     }
 
 
