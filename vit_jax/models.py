@@ -436,6 +436,35 @@ def _gelu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense -> dropout: (N, L, D) -> (N, L, out_dim or D)."""
+
+    mlp_dim: int
+    out_dim: int | None = None
+    dropout_rate: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, deterministic: bool, rng: jax.Array | None = None
+    ) -> jax.Array:
+        dense = functools.partial(
+            nn.Dense,
+            dtype=self.dtype,
+            dot_general=dot_general(self.dtype),
+            kernel_init=nn.initializers.xavier_uniform(),
+            bias_init=nn.initializers.normal(stddev=1e-6),
+        )
+        shape = x.shape
+        x = dense_input(x, self.dtype)
+        y = dense(self.mlp_dim, name="Dense_0")(x)
+        y = gelu(y)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 0))
+        y = dense(self.out_dim or x.shape[-1], name="Dense_1")(y)
+        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 1))
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
 class Projection(nn.Module):
     """`nn.DenseGeneral` over the last `in_axes` axes, with its parameters (`kernel` of shape
     (*in_features, *features), `bias` of shape `features`, the same initial values), that returns
@@ -481,71 +510,10 @@ class Projection(nn.Module):
         return y, bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def add_bias(y: jax.Array, bias: jax.Array, dtype: Dtype) -> jax.Array:
-    """`y + bias`, (..., *bias.shape) plus a float32 bias cast to the layer's compute `dtype` first,
-    as flax's Dense layers add theirs, whose bias gradient, the cotangent summed over the leading
-    axes, is summed in float32 whatever the cotangent's dtype.
-
-    Through the plain sum that reduction runs in the cotangent's dtype, and XLA:GPU accumulates a
-    bfloat16 one in bfloat16 registers (`add.rn.bf16` in the compiled kernel): summed that way, in
-    two stages of 289 and 128 rows as XLA splits 36992 tokens, the column sums of a test array came
-    out 0.8 % off (median; 6.5 % at worst) against 0.09 % for a float32 sum rounded to bfloat16;
-    this one keeps the float32 sum. The step moves the same bytes.
-    """
+    """`y + bias` with the bias cast to the layer's compute `dtype` first, as flax's Dense layers
+    add theirs."""
     return y + bias.astype(dtype)
-
-
-def _add_bias_fwd(y: jax.Array, bias: jax.Array, dtype: Dtype) -> tuple[jax.Array, jax.Array]:
-    return add_bias(y, bias, dtype), bias
-
-
-def _add_bias_bwd(dtype: Dtype, bias: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    del dtype
-    if g.dtype == jnp.bfloat16:
-        # bfloat16 -> float32 exactly, as bits: XLA would fold a `convert` here into the float32
-        # value the cotangent was rounded from (excess precision), and XLA:GPU then no longer fuses
-        # GELU's backward pass into this reduction (ViT-B/16 at 384 px, batch 64, compiled for an
-        # H200: 61.0 GB per step outside the products against 51.0).
-        bits = jax.lax.bitcast_convert_type(g, jnp.uint16).astype(jnp.uint32) << 16
-        g32 = jax.lax.bitcast_convert_type(bits, jnp.float32)
-    else:
-        g32 = g.astype(jnp.float32)
-    return g, g32.sum(axis=tuple(range(g.ndim - bias.ndim))).astype(bias.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-class MlpBlock(nn.Module):
-    """Dense -> GELU -> dropout -> Dense -> dropout: (N, L, D) -> (N, L, out_dim or D)."""
-
-    mlp_dim: int
-    out_dim: int | None = None
-    dropout_rate: float = 0.0
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jax.Array, *, deterministic: bool, rng: jax.Array | None = None
-    ) -> jax.Array:
-        def dense(features: int, name: str, inputs: jax.Array) -> jax.Array:
-            # nn.Dense's parameters; its bias gradient summed in float32 (`add_bias`).
-            y, bias = Projection(
-                features=(features,),
-                dtype=self.dtype,
-                bias_init=nn.initializers.normal(stddev=1e-6),
-                name=name,
-            )(inputs)
-            return add_bias(y, bias, self.dtype)
-
-        shape = x.shape
-        x = dense_input(x, self.dtype)
-        y = gelu(dense(self.mlp_dim, "Dense_0", x))
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 0))
-        y = dense(self.out_dim or x.shape[-1], "Dense_1", y)
-        y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic, rng=_fold(rng, 1))
-        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 class MultiHeadDotProductAttention(nn.Module):
