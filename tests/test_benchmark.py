@@ -1,9 +1,11 @@
 """The benchmark command: figures are present and consistent with each other (timings are not tested)."""
 
 import json
+import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -99,12 +101,17 @@ def test_bad_numbers_are_refused():
         benchmark.run("testing", 32, 0, "infer", steps=1)
 
 
-def test_cli_json_and_input_mode(capsys):
+def test_cli_json_and_input_mode(capsys, monkeypatch):
+    # XLA reads its flags when the backend starts (before this), so this only checks the record.
+    jax.devices()
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_triton_gemm=false".strip()
+    monkeypatch.setenv("XLA_FLAGS", flags)
     benchmark.main(
         ["--model", "testing", "--image_size", "32", "--batch", "4", "--steps", "2", "--json"]
     )
     r = json.loads(capsys.readouterr().out)
     assert r["model"] == "testing" and r["mode"] == "infer" and r["gflops_per_image"] > 0
+    assert r["xla_flags"] == flags  # which flags a figure ran with
     benchmark.main(["--mode", "input", "--image_size", "64", "--batch", "8", "--steps", "2"])
     assert "preprocessing:" in capsys.readouterr().out
 

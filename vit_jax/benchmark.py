@@ -274,6 +274,7 @@ def run(
         "steps": steps,
         "devices": jax.device_count(), "platform": jax.devices()[0].platform,
         "remat": remat, "shard_params": shard_params, "glibc_hugetlb": huge_pages_setting(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }  # fmt: skip
     if batch < 1 or steps < 1 or image_size < 1:
         raise ValueError(
