@@ -496,16 +496,18 @@ class Projection(nn.Module):
 
         kernel = self.param("kernel", kernel_init, (*in_features, *self.features), jnp.float32)
         bias = self.param("bias", bias_init, self.features, jnp.float32)
-        contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+        kernel_in = tuple(range(self.in_axes))  # the kernel's input axes
         y = dot_general(self.dtype)(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
-            ((contract, tuple(range(self.in_axes))), ((), ())),
+            ((tuple(range(x.ndim - self.in_axes, x.ndim)), kernel_in), ((), ())),
         )
         if shift is not None:
-            axes = tuple(range(self.in_axes))
             bias = bias + jax.lax.dot_general(
-                shift, kernel, ((axes, axes), ((), ())), precision=jax.lax.Precision.HIGHEST
+                shift,
+                kernel,
+                ((kernel_in, kernel_in), ((), ())),
+                precision=jax.lax.Precision.HIGHEST,
             )
         return y, bias
 
