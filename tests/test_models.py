@@ -459,7 +459,7 @@ def test_projection_is_flax_dense_general_with_its_bias_apart(features, in_axes,
     np.testing.assert_allclose(y + bias, flax_layer.apply(variables, x + shift), atol=1e-5)
 
 
-def _reference_attention(p, x, num_heads, mask=None):
+def _reference_attention(p, x, mask=None):
     """The reference's self-attention, every bias where it adds it: (N, L, D) -> (N, L, D)."""
     q, k, v = (
         jnp.einsum("nld,dhk->nlhk", x, p[name]["kernel"]) + p[name]["bias"]
@@ -495,11 +495,11 @@ def test_attention_biases_the_softmax_ignores_or_carries_are_moved(attention, dr
         return attn.apply({"params": p}, x, deterministic=not dropout, rng=rng)
 
     np.testing.assert_allclose(
-        ours(params), _reference_attention(params, x, heads, mask), rtol=1e-5, atol=1e-5
+        ours(params), _reference_attention(params, x, mask), rtol=1e-5, atol=1e-5
     )
     cotangent = jax.random.normal(jax.random.key(4), (n, length, d))
     grads = jax.grad(lambda p: jnp.sum(ours(p) * cotangent))(params)
-    ref = jax.grad(lambda p: jnp.sum(_reference_attention(p, x, heads, mask) * cotangent))(params)
+    ref = jax.grad(lambda p: jnp.sum(_reference_attention(p, x, mask) * cotangent))(params)
     # The reference's key-bias gradient is float rounding: 0 in exact arithmetic, 0 here.
     assert float(jnp.abs(ref["key"]["bias"]).max()) < 1e-5
     np.testing.assert_array_equal(grads["key"]["bias"], 0.0)
