@@ -318,7 +318,18 @@ def test_unknown_layout_is_reported(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load(str(path))
     assert "unrecognised checkpoint layout" in str(e.value)
-    assert "conv1/kernel (3, 3, 3, 8)" in str(e.value)
+    assert str(e.value).endswith(
+        "the file holds 2 arrays:\n  conv1/kernel (3, 3, 3, 8)\n  fc/bias (10,)"
+    )
+
+    np.savez(path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"; the file holds no arrays$"):
+        checkpoint.load(str(path))
+    np.savez(path, **{f"w{i:02d}": np.zeros(i) for i in range(30)})
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load(str(path))
+    assert "the file holds 30 arrays, the first 25:\n  w00 (0,)" in str(e.value)
+    assert "w24 (24,)" in str(e.value) and "w25" not in str(e.value)
 
 
 def test_save_writes_the_published_layout_and_round_trips(tmp_path):

@@ -234,11 +234,16 @@ def normalize(flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
 
     required = ("embedding/kernel", "Transformer/encoder_norm/scale")
     if not all(k in flat for k in required) or not any(_BLOCK.match(k) for k in flat):
-        shown = "\n  ".join(f"{k} {tuple(np.shape(v))}" for k, v in list(flat.items())[:25])
+        shown = "".join(f"\n  {k} {tuple(np.shape(v))}" for k, v in list(flat.items())[:25])
+        if not flat:
+            holds = "the file holds no arrays"
+        elif len(flat) <= 25:
+            holds = f"the file holds {len(flat)} array{'s' * (len(flat) > 1)}:{shown}"
+        else:
+            holds = f"the file holds {len(flat)} arrays, the first 25:{shown}"
         raise CheckpointError(
             "unrecognised checkpoint layout: expected ViT names such as "
-            f"{', '.join(required)} and Transformer/encoderblock_0/...; the file has "
-            f"{len(flat)} arrays, first ones:\n  {shown}"
+            f"{', '.join(required)} and Transformer/encoderblock_0/...; {holds}"
         )
     name = "big_vision" if "big_vision pos_embedding" in layout or stacked else "published"
     details = ([f"prefix {prefix!r}"] if prefix else []) + layout
