@@ -1089,10 +1089,18 @@ def test_fine_tune_from_published_npz_at_another_resolution(tmp_path):
 
 
 def test_bad_batch_is_a_clear_error():
-    with pytest.raises(train.TrainingError, match="batch 10 is not divisible by accum_steps=4"):
+    with pytest.raises(
+        train.TrainingError,
+        match=r"batch 10 is not divisible by accum_steps=4 .*multiple of 4, or an accum_steps "
+        r"that divides 10$",
+    ):
         train.validate(tiny_config(batch=10, accum_steps=4), 1)
     with pytest.raises(train.TrainingError, match=r"micro-batch 6 .* not divisible by 8 devices"):
         train.validate(tiny_config(batch=12, accum_steps=2), 8)
+    with pytest.raises(
+        train.TrainingError, match=r"^batch_eval 12 is not divisible by 8 devices; choose a"
+    ):
+        train.validate(tiny_config(batch=16, accum_steps=2, batch_eval=12), 8)
 
 
 @pytest.mark.parametrize(

@@ -214,7 +214,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
     require(
         config.batch % config.accum_steps == 0,
-        f"batch {config.batch} is not divisible by accum_steps={config.accum_steps}",
+        f"batch {config.batch} is not divisible by accum_steps={config.accum_steps} (the "
+        f"micro-batches a step sums); choose a batch that is a multiple of {config.accum_steps}, "
+        f"or an accum_steps that divides {config.batch}",
     )
     micro = config.batch // config.accum_steps
     require(
@@ -224,7 +226,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     )
     require(
         config.batch_eval % num_devices == 0,
-        f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices",
+        f"batch_eval {config.batch_eval} is not divisible by {num_devices} devices; choose a "
+        f"batch_eval that is",
     )
 
 
