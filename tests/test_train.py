@@ -491,6 +491,17 @@ def test_folder_test_split_from_val_or_held_out_of_a_flat_folder(tmp_path, capsy
         Image.fromarray(np.full((12, 12, 3), 9 * i, np.uint8)).save(flat / "red" / f"{i}.png")
     later = input_pipeline._folder_files(str(flat), "test", info.class_names, False, 0.25)
     assert later.files == test_files
+    # One image a class: nothing can be held out, and the message says why.
+    single = tmp_path / "single"
+    for cls in ("blue", "red"):
+        (single / cls).mkdir(parents=True)
+        shutil.copy(png, single / cls / "0.png")
+    with pytest.raises(
+        input_pipeline.DataError,
+        match=r"^no images in the held-out test split of .*single: a class folder gives it an "
+        r"image only when it holds 2 or more, and none does; add images, or put test images",
+    ):
+        input_pipeline._folder_files(str(single), "test", ["blue", "red"], False, 0.5)
 
 
 def test_held_out_images_stay_where_they_are_when_images_are_added():

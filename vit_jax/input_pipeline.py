@@ -234,9 +234,14 @@ def _folder_files(
             f"no readable images in {split_dir} ({split}): all {len(bad_list)} were "
             f"skipped as unreadable, e.g. {path} ({reason})"
         )
+    if not kept and held_out and split == "test":
+        raise DataError(
+            f"no images in the held-out test split of {train_dir}: a class folder gives it an "
+            "image only when it holds 2 or more, and none does; add images, or put test images "
+            "in ROOT/test/<class>/"
+        )
     if not kept:
-        where = f"the held-out test split of {train_dir}" if held_out else split_dir
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {where}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {split_dir}")
     files = [path for path, _ in kept]
     return FolderSplit(
         files,
