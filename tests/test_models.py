@@ -840,12 +840,48 @@ def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
         (lambda: models.get_model("testing", num_heads=3), "hidden_size=10 is not divisible by"),
         (lambda: models.get_model("ViT-Q_16"), "unknown model 'ViT-Q_16'; known models: testing"),
         (lambda: models.get_model("testing", heads=2), "unknown model option(s) ['heads']"),
+        (
+            lambda: models.get_model("testing", num_classes=-3),
+            "num_classes=-3 must be a positive integer (None or 0: no head)",
+        ),
+        (lambda: models.get_model("testing", num_classes=2.5), "num_classes=2.5 must be a"),
+        (lambda: models.get_model("testing", num_layers=0), "num_layers=0 must be a positive"),
+        (lambda: models.get_model("testing", patch_size=(16, 0)), "patch_size=(16, 0) must be"),
+        (lambda: models.get_model("testing", mlp_dim=True), "mlp_dim=True must be a positive"),
+        (
+            lambda: models.get_model("testing", representation_size=0),
+            "representation_size=0 must be a positive integer (None: no pre-logits layer)",
+        ),
+        (lambda: models.get_model("testing", dropout_rate=1.0), "dropout_rate=1.0 must be in [0"),
+        (
+            lambda: models.get_model("testing", attention_dropout_rate=-0.1),
+            "attention_dropout_rate=-0.1 must be in [0, 1)",
+        ),
+        (
+            lambda: models.get_model("testing", dtype=jnp.int32),
+            "the compute dtype is a floating type, e.g. jnp.float32 or jnp.bfloat16",
+        ),
+        (lambda: models.get_model("testing", dtype="bf16"), "dtype='bf16': the compute dtype"),
     ],
 )
 def test_bad_configuration_errors(build, message):
     with pytest.raises(ValueError) as e:
         build()
     assert message in str(e.value)
+
+
+def test_sizes_and_dtypes_that_are_accepted():
+    # NumPy integers (e.g. a dataset's class count), 0 classes (no head) and dtype names pass.
+    for model in (
+        models.get_model("testing", num_classes=np.int64(3), hidden_size=np.int32(10)),
+        models.get_model("testing", num_classes=0, dtype="bfloat16"),
+        models.get_model("testing", num_classes=None, dtype=np.float16, dropout_rate=0.0),
+    ):
+        out = jax.eval_shape(
+            lambda m=model: m.init_with_output(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))[0]
+        )
+        width = 3 if model.num_classes else 10
+        assert out.shape == (1, width) and out.dtype == jnp.float32
 
 
 def test_image_size_must_be_positive():

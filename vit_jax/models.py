@@ -14,6 +14,7 @@ the residual stream, softmax, LayerNorm statistics and logits stay float32. A De
 from __future__ import annotations
 
 import functools
+import operator
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -800,6 +801,16 @@ class Encoder(nn.Module):
         return x
 
 
+def _count(value: Any, least: int) -> bool:
+    """Whether `value` is an integer (a Python or NumPy one, not a bool) of at least `least`."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) >= least
+    except TypeError:
+        return False
+
+
 class VisionTransformer(nn.Module):
     """ViT: (N, H, W, 3) images in [-1, 1] -> (N, num_classes) float32 logits.
 
@@ -841,6 +852,37 @@ class VisionTransformer(nn.Module):
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"unknown attention={self.attention!r}; expected one of {', '.join(ATTENTION)}"
+            )
+        sizes = {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "mlp_dim": self.mlp_dim,
+            "patch_size": self.patch_size,
+        }
+        for name, value in sizes.items():
+            if not all(_count(v, 1) for v in np.atleast_1d(value).tolist()):
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if self.representation_size is not None and not _count(self.representation_size, 1):
+            raise ValueError(
+                f"representation_size={self.representation_size!r} must be a positive integer "
+                "(None: no pre-logits layer)"
+            )
+        if self.num_classes is not None and not _count(self.num_classes, 0):
+            raise ValueError(
+                f"num_classes={self.num_classes!r} must be a positive integer (None or 0: no head)"
+            )
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+        try:
+            floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
+        except TypeError:
+            floating = False
+        if not floating:
+            raise ValueError(
+                f"dtype={self.dtype!r}: the compute dtype is a floating type, e.g. jnp.float32 or "
+                "jnp.bfloat16"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(
