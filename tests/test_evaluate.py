@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests.test_train import CIFAR10_NAMES, _fake_cifar10_archive, tiny_config
-from vit_jax import checkpoint, evaluate, models, predict, train
+from vit_jax import checkpoint, evaluate, input_pipeline, models, predict, train
 
 
 def _evaluate(capsys, *args):
@@ -74,6 +74,7 @@ def test_only_a_runs_own_train_split_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(
         tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(archive)
     )
+    monkeypatch.setattr(input_pipeline, "unreachable", lambda urls: None)  # (no network here)
     data = ["--dataset", "cifar10", "--tfds_data_dir", str(tmp_path / "tfds"), "--batch", "4"]
     # A published checkpoint never saw our train split: it may be scored on it. (stdout holds the
     # JSON alone: TFDS's "Downloading and preparing dataset ..." went to stderr.)

@@ -2,12 +2,14 @@
 
 import collections
 import concurrent.futures
+import errno
 import io
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -241,6 +243,36 @@ def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
     builder = tfds.builder("cifar10", data_dir=config.tfds_data_dir)
     assert any("cifar-10-binary" in url for url in builder.url_infos)  # checksums in TFDS
     assert input_pipeline.get_info(config).class_names[:2] == ["0", "1"]  # not downloaded yet
+
+    # A machine that reaches none of the hosts is told so at once, before TFDS's 3.4 minutes of
+    # retries, and nothing is written.
+    tried = []
+
+    def no_network(address, timeout=None):
+        tried.append(address)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    started = time.monotonic()
+    with pytest.raises(input_pipeline.DataError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert time.monotonic() - started < 30
+    assert [host for host, _ in tried] == [
+        "www.cs.toronto.edu",
+        "storage.googleapis.com",
+        "www.googleapis.com",
+    ]
+    assert str(e.value).startswith(
+        "cannot download the TFDS dataset 'cifar10': this machine reaches none of the hosts it "
+        "comes from (www.cs.toronto.edu: [Errno -2] Name or service not known). On a machine with "
+        'a network, prepare it with `python -c "import tensorflow_datasets as tfds; '
+        "tfds.builder('cifar10').download_and_prepare()\"` and copy its folder "
+        f"(~/tensorflow_datasets/cifar10/) to {tmp_path / 'tfds' / 'cifar10'}/ here"
+    )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "tfds").exists()
+
+    # A machine that reaches one (faked here: the test machines have no network) goes on to TFDS.
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: io.BytesIO())
     fetched = []
 
     def offline(self, url):
@@ -280,6 +312,27 @@ def test_tfds_download_and_prepare_run_for_real(tmp_path, monkeypatch):
     assert saved["class_names"] == CIFAR10_NAMES  # learnt from the download in this same run
     # The test file's labels are 5, 6, 7, 8, 9, 0 ((row + file index 5) mod 10).
     assert result["support"] == [1, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+
+
+def test_unreachable_hosts_are_named_and_a_proxy_is_trusted(monkeypatch):
+    for variable in ("https_proxy", "http_proxy", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.delenv(variable.upper(), raising=False)
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        open_url = f"http://127.0.0.1:{listening.getsockname()[1]}/x"
+        refused = f"https://127.0.0.1:{closed.getsockname()[1]}/x"
+        assert input_pipeline.unreachable([refused, open_url]) is None  # one host is enough
+        reason = input_pipeline.unreachable([refused, "ftp://127.0.0.1/x", refused])
+        assert (
+            reason
+            == f"127.0.0.1: {ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))}"
+        )
+        assert input_pipeline.unreachable(["gs://bucket/x"]) is None  # nothing it can test
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+        assert input_pipeline.unreachable([refused]) is None  # the proxy reaches it, not us
 
 
 def test_a_dataset_fetched_by_hand_says_what_to_fetch(tmp_path):

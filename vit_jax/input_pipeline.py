@@ -769,10 +769,66 @@ def _check_features(builder: Any, config: Any) -> None:
         )
 
 
+# Where TFDS fetches a prepared copy of many datasets from (its gs://tfds-data bucket), before
+# their own download addresses.
+TFDS_MIRRORS = ("https://storage.googleapis.com", "https://www.googleapis.com")
+
+
+def unreachable(urls: list[str], timeout: float = 5.0) -> str | None:
+    """None when this machine opens a connection to the host of one of `urls` (tried in order,
+    `timeout` seconds each), or when a proxy is set (HTTPS_PROXY and the like, or the system's
+    settings on macOS and Windows, as `requests` finds them: it reaches them for this machine);
+    else why the first one failed, "host: reason"."""
+    import socket
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    if {"http", "https", "all"} & set(getproxies()):
+        return None
+    reasons = []
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            continue
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            return None
+        except OSError as e:  # no such host (DNS), refused, unreachable, timed out
+            reasons.append(f"{parts.hostname}: {e or type(e).__name__}")
+    return reasons[0] if reasons else None
+
+
+def _check_network(builder: Any, config: Any) -> None:
+    """A DataError at once when a dataset TFDS must download comes from hosts this machine cannot
+    reach: TFDS's downloader retries a failed connection 10 times with growing pauses, 3.4 minutes
+    before it gives up. Datasets prepared already, fetched by hand (their addresses are those of
+    the archives to fetch) or replaced by `tfds.testing.mock_data` (its own download_and_prepare)
+    are left alone."""
+    own = type(builder).download_and_prepare.__module__.startswith("tensorflow_datasets.core")
+    urls = list(getattr(builder, "url_infos", None) or ())
+    manual = getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    if not own or not urls or manual or builder.data_path.exists():  # (TFDS's "prepared" test)
+        return
+    reason = unreachable([*urls, *TFDS_MIRRORS])
+    if reason is None:
+        return
+    name, folder = config.dataset, builder.name
+    command = f"import tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare()"
+    raise DataError(
+        f"cannot download the TFDS dataset {name!r}: this machine reaches none of the hosts it "
+        f"comes from ({reason}). On a machine with a network, prepare it with "
+        f'`python -c "{command}"` and copy its folder (~/tensorflow_datasets/{folder}/) to '
+        f"{os.path.join(os.fspath(builder.data_dir_root), folder)}/ here, or into a directory "
+        "passed with --tfds_data_dir; behind a proxy, set HTTPS_PROXY."
+    )
+
+
 def _download_and_prepare(builder: Any, config: Any) -> None:
     """TFDS's download_and_prepare (a no-op once the data is ready); failures become one DataError."""
     import tensorflow_datasets as tfds
 
+    _check_network(builder, config)
     try:
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(manual_dir=config.tfds_manual_dir or None)
