@@ -304,6 +304,56 @@ def test_truncated_file(tmp_path):
         checkpoint.load(str(path))
 
 
+def test_nan_or_integer_weights_are_refused_where_they_would_be_used(tmp_path, capsys):
+    model = models.get_model("testing", **TINY)
+    params = _random_params(model, 32)
+    block = "Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+
+    def spoil(flat):
+        flat[block] = flat[block].copy()
+        flat[block][0, :3] = [np.nan, np.inf, -np.inf]
+        flat["head/kernel"] = np.full_like(flat["head/kernel"], np.nan)
+        return flat
+
+    path = _write_published(params, tmp_path / "nan.npz", spoil)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_pretrained_model(None, str(path), num_classes=5)
+    assert str(e.value) == (
+        f"{path} cannot be used: {block} holds 3 NaN or infinite values; use another checkpoint "
+        "(NaN or infinite weights: a damaged file, or a run that diverged)"
+    )  # (the head, which a new head of 5 classes replaces, does not count)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{block} holds 3 NaN"):
+        checkpoint.load_pretrained(
+            pretrained_path=str(path), init_params=params, model_config=model
+        )
+    assert np.isnan(checkpoint.load(str(path))["head"]["kernel"]).all()  # read as it is
+    checkpoint.main(["inspect", str(path)])
+    report = capsys.readouterr().out.splitlines()
+    assert report[-2:] == [
+        f"unusable: {block} holds 3 NaN or infinite values",
+        "unusable: head/kernel holds 80 NaN or infinite values",
+    ]
+
+    ints = _write_published(
+        params, tmp_path / "int.npz", lambda flat: {k: v.astype(np.int32) for k, v in flat.items()}
+    )
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_pretrained_model(None, str(ints))
+    message = str(e.value)
+    assert message.startswith(f"{ints} cannot be used: ") and "NaN" not in message
+    assert message.count("holds int32 values, not floating-point weights; ") == 2
+    assert message.endswith(", and 37 more arrays; use another checkpoint")  # 40 arrays
+    # float16 and bfloat16 weights are weights: float32 once loaded.
+    half = _write_published(
+        params,
+        tmp_path / "half.npz",
+        lambda flat: {k: v.astype(np.float16) for k, v in flat.items()},
+    )
+    _, loaded = checkpoint.load_pretrained_model(None, str(half))
+    assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {np.dtype(np.float32)}
+    assert checkpoint.unusable_values({"w": jnp.ones(3, jnp.bfloat16)}) == []
+
+
 def test_missing_file_says_where_the_published_files_are(tmp_path):
     with pytest.raises(checkpoint.CheckpointError) as e:
         checkpoint.load(str(tmp_path / "ViT-B_16.npz"))

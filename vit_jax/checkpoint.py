@@ -472,7 +472,30 @@ def adapt(
             + "\n  ".join(report[:_REPORT_LINES])
             + (f"\n  ... and {more} more" if more > 0 else "")
         )
+    bad = unusable_values(flatten_dict(restored, sep="/"))
+    if bad:
+        more = f", and {len(bad) - 3} more arrays" if len(bad) > 3 else ""
+        why = " (NaN or infinite weights: a damaged file, or a run that diverged)"
+        raise CheckpointError(
+            f"{source} cannot be used: {'; '.join(bad[:3])}{more}; use another checkpoint"
+            + (why if any(line.endswith("infinite values") for line in bad) else "")
+        )
     return jax.tree.map(lambda v: np.asarray(v, dtype=np.float32), restored)
+
+
+def unusable_values(flat: Mapping[str, Any]) -> list[str]:
+    """What makes arrays of a flat {name: array} unusable as weights, one line per array: a dtype
+    that is not floating point, or NaN / infinite values (with how many)."""
+    bad = []
+    for name, value in flat.items():
+        value = np.asarray(value)
+        if not jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+            bad.append(f"{name} holds {value.dtype} values, not floating-point weights")
+            continue
+        finite = np.isfinite(value)
+        if not finite.all():
+            bad.append(f"{name} holds {value.size - int(finite.sum()):,} NaN or infinite values")
+    return bad
 
 
 def load_pretrained(
@@ -641,6 +664,7 @@ def inspect(path: str) -> str:
         + (f"; position embedding grid {grid[0]}x{grid[1]}" if grid else ""),
         f"matches: {', '.join(matches) if matches else 'no model in the variant table'}",
     ]
+    lines += [f"unusable: {line}" for line in unusable_values(flat)]
     return "\n".join(lines)
 
 
