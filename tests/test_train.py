@@ -331,6 +331,14 @@ def test_unreachable_hosts_are_named_and_a_proxy_is_trusted(monkeypatch):
             == f"127.0.0.1: {ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED))}"
         )
         assert input_pipeline.unreachable(["gs://bucket/x"]) is None  # nothing it can test
+
+        def silent_timeout(address, timeout=None):
+            assert timeout == 5.0
+            raise TimeoutError  # (its message is empty)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(socket, "create_connection", silent_timeout)
+            assert input_pipeline.unreachable(["https://x.example/a"]) == "x.example: TimeoutError"
         monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
         assert input_pipeline.unreachable([refused]) is None  # the proxy reaches it, not us
 

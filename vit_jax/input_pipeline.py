@@ -795,7 +795,7 @@ def unreachable(urls: list[str], timeout: float = 5.0) -> str | None:
             socket.create_connection((parts.hostname, port), timeout=timeout).close()
             return None
         except OSError as e:  # no such host (DNS), refused, unreachable, timed out
-            reasons.append(f"{parts.hostname}: {e or type(e).__name__}")
+            reasons.append(f"{parts.hostname}: {str(e) or type(e).__name__}")
     return reasons[0] if reasons else None
 
 
