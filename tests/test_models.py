@@ -852,10 +852,14 @@ def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):
             lambda: models.get_model("testing", representation_size=0),
             "representation_size=0 must be a positive integer (None: no pre-logits layer)",
         ),
-        (lambda: models.get_model("testing", dropout_rate=1.0), "dropout_rate=1.0 must be in [0"),
+        (lambda: models.get_model("testing", dropout_rate=1.0), "dropout_rate=1.0 must be a"),
+        (
+            lambda: models.get_model("testing", dropout_rate="0.1"),
+            "dropout_rate='0.1' must be a number in [0, 1)",
+        ),
         (
             lambda: models.get_model("testing", attention_dropout_rate=-0.1),
-            "attention_dropout_rate=-0.1 must be in [0, 1)",
+            "attention_dropout_rate=-0.1 must be a number in [0, 1)",
         ),
         (
             lambda: models.get_model("testing", dtype=jnp.int32),

@@ -873,8 +873,11 @@ class VisionTransformer(nn.Module):
                 f"num_classes={self.num_classes!r} must be a positive integer (None or 0: no head)"
             )
         for name in ("dropout_rate", "attention_dropout_rate"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
+            rate = getattr(self, name)
+            if isinstance(rate, bool) or not isinstance(rate, int | float | np.floating):
+                rate = None
+            if rate is None or not 0 <= rate < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a number in [0, 1)")
         try:
             floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
         except TypeError:
