@@ -1,5 +1,6 @@
 """The README against the code, so that the two cannot drift apart unnoticed: every
-`python -m vit_jax.MODULE ...` line of its shell blocks parses with that command's own parser,
+`python -m vit_jax.MODULE ...` line of its shell blocks (and of the modules' and presets' usage
+docstrings) parses with that command's own parser,
 every name its Python blocks and its inline code use exists, every call in its Python blocks
 passes arguments the function takes, and the files and `make` targets it names are there. (Its
 two main commands, `make demo` and `make test`, run in CI.)"""
@@ -45,13 +46,28 @@ def _command_lines() -> list[tuple[str, list[str]]]:
     return lines
 
 
-COMMAND_LINES = _command_lines()
+def _docstring_command_lines() -> list[tuple[str, list[str]]]:
+    """(module, argv) of the usage lines in the package's and the presets' docstrings (a line that
+    begins with `python -m vit_jax.MODULE`), with `[...]` optional-argument brackets and a comment
+    or `(...)` note after two spaces dropped."""
+    lines = []
+    for path in sorted([*ROOT.glob("vit_jax/*.py"), *ROOT.glob("configs/*.py")]):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        for line in re.findall(r"^\s*python -m vit_jax\..*$", docstring, re.M):
+            words = re.split(r"\s{2,}[#(]", line.strip())[0].replace("[", " ").replace("]", " ")
+            words = words.split()
+            lines.append((words[2].removeprefix("vit_jax."), words[3:]))
+    return lines
+
+
+README_LINES = _command_lines()
+COMMAND_LINES = README_LINES + _docstring_command_lines()
 
 
 def test_the_readme_has_a_command_line_for_every_command():
-    shown = {module for module, _ in COMMAND_LINES}
+    shown = {module for module, _ in README_LINES}
     assert shown == {module.removeprefix("vit_jax.") for module, _ in commands.COMMANDS.values()}
-    assert len(COMMAND_LINES) >= 25
+    assert len(README_LINES) >= 25 and len(COMMAND_LINES) >= len(README_LINES) + 25
 
 
 class _Parsed(BaseException):  # (a BaseException: no command's error handling catches it)
