@@ -137,6 +137,30 @@ def test_prediction_input_equals_evaluation_input(tmp_path, shape, size):
     )
 
 
+def test_images_beyond_pils_size_limit_are_decoded_as_evaluation_decodes_them(
+    tmp_path, monkeypatch
+):
+    # PIL refuses an image over twice Image.MAX_IMAGE_PIXELS as a possible decompression bomb;
+    # evaluation and training decode it with TensorFlow, and so does predict then.
+    import tensorflow as tf
+
+    from vit_jax import input_pipeline, train
+
+    pixels = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    by_pil = predict.load_image(str(path), (16, 16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # refused from 1000 pixels on: 1200 here
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    loaded = predict.load_image(str(path), (16, 16))
+    config = train.default_config()
+    config.image_size = 16
+    evaluated = input_pipeline.preprocess_eval(tf.io.read_file(str(path)), config, encoded=True)
+    np.testing.assert_array_equal(loaded, evaluated.numpy())
+    np.testing.assert_allclose(loaded, by_pil, atol=1.001 / 127.5)  # PIL's 8-bit rounding
+
+
 def test_directories_are_walked_without_hidden_entries(tmp_path):
     for rel in (
         "b.png",

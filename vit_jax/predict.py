@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import sys
+import types
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from typing import Any
@@ -99,7 +100,26 @@ def find_images(paths: Sequence[str]) -> list[str]:
 
 
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
-    """RGB image resized (bilinear, antialiased) to `size`=(H, W), float32 in [-1, 1]."""
+    """RGB image resized (bilinear, antialiased) to `size`=(H, W), float32 in [-1, 1].
+
+    Images over PIL's limit against decompression bombs (`Image.MAX_IMAGE_PIXELS`, 89M pixels:
+    PIL refuses twice that) are decoded as evaluation and training decode every image, by
+    TensorFlow, which accepts them.
+    """
+    from PIL import Image
+
+    try:
+        return _load_with_pil(path, size)
+    except Image.DecompressionBombError:
+        from vit_jax import input_pipeline
+
+        tf = input_pipeline._tf()
+        config = types.SimpleNamespace(image_size=tuple(size))  # all preprocess_eval reads
+        image = input_pipeline.preprocess_eval(tf.io.read_file(path), config, encoded=True)
+        return image.numpy()
+
+
+def _load_with_pil(path: str, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
