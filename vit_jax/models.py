@@ -801,7 +801,7 @@ class Encoder(nn.Module):
         return x
 
 
-def _count(value: Any, least: int) -> bool:
+def is_int_at_least(value: Any, least: int) -> bool:
     """Whether `value` is an integer (a Python or NumPy one, not a bool) of at least `least`."""
     if isinstance(value, bool):
         return False
@@ -861,23 +861,24 @@ class VisionTransformer(nn.Module):
             "patch_size": self.patch_size,
         }
         for name, value in sizes.items():
-            if not all(_count(v, 1) for v in np.atleast_1d(value).tolist()):
+            if not all(is_int_at_least(v, 1) for v in np.atleast_1d(value).tolist()):
                 raise ValueError(f"{name}={value!r} must be a positive integer")
-        if self.representation_size is not None and not _count(self.representation_size, 1):
+        if self.representation_size is not None and not is_int_at_least(
+            self.representation_size, 1
+        ):
             raise ValueError(
                 f"representation_size={self.representation_size!r} must be a positive integer "
                 "(None: no pre-logits layer)"
             )
-        if self.num_classes is not None and not _count(self.num_classes, 0):
+        if self.num_classes is not None and not is_int_at_least(self.num_classes, 0):
             raise ValueError(
                 f"num_classes={self.num_classes!r} must be a positive integer (None or 0: no head)"
             )
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
-            if isinstance(rate, bool) or not isinstance(rate, int | float | np.floating):
-                rate = None
-            if rate is None or not 0 <= rate < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a number in [0, 1)")
+            number = isinstance(rate, int | float | np.floating) and not isinstance(rate, bool)
+            if not (number and 0 <= rate < 1):
+                raise ValueError(f"{name}={rate!r} must be a number in [0, 1)")
         try:
             floating = jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating)
         except TypeError:

@@ -1537,11 +1537,11 @@ def _override_problem(key: str, value: Any, default: Any) -> str | None:
         return (
             isinstance(v, (tuple, list))
             and (length is None or len(v) == length)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+            and all(positive_int(x) for x in v)
         )
 
     def positive_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+        return models.is_int_at_least(v, 1)
 
     if key == "patch_size":
         ok, kind = ints(value, 2), "two integers such as '(16, 16)'"
