@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,11 +131,20 @@ def test_out_of_memory_step_reports_its_buffers_and_what_to_try(monkeypatch, cap
     assert "out of memory running the step" in str(e.value) and "--remat" in str(e.value)
     out = capsys.readouterr().out
     assert "GiB temporaries" in out and "peak host memory" in out
+    assert "; a cpu device has " in str(e.value)
     with pytest.raises(SystemExit) as e:
         benchmark.main([*args, "--json"])
     assert e.value.code == 1
     r = json.loads(capsys.readouterr().out)
     assert r["xla_temp_gib"] > 0 and "median_step_s" not in r
+    with pytest.raises(SystemExit) as e:
+        benchmark.main([*args[:-2], "--mode", "infer"])
+    assert re.fullmatch(
+        r"error: out of memory running the forward pass: RESOURCE_EXHAUSTED: Out of memory "
+        r"allocating 30 bytes\.; a cpu device has \d+\.\d GiB; try a smaller --batch or "
+        r"--cpu_block_tokens",
+        str(e.value),
+    ), e.value
 
 
 def test_peak_is_the_best_of_its_sizes(monkeypatch):

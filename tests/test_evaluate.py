@@ -265,3 +265,22 @@ def test_a_folder_of_new_images_is_scored_whole(tmp_path, capsys):
             "classes: without the model's class names"
         )
     )
+
+
+def test_out_of_memory_is_one_line_that_names_the_batch(tmp_path, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30 bytes.")
+
+    monkeypatch.setattr(evaluate, "evaluate_checkpoint", exhausted)
+    ckpt = _checkpoint(tmp_path / "m.npz", 16)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--checkpoint", str(ckpt), "--dataset", "digits", "--batch", "8"])
+    assert e.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            "error: out of memory evaluating batches of 8 images (RESOURCE_EXHAUSTED: Out of memory "
+            "allocating 30 bytes.); a cpu device has "
+        )
+    )

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,19 @@ def test_repeated_calls_reuse_the_compiled_forward_pass(caplog):
     assert sum("probabilities" in m for m in compiled) == 1
     assert sum("jit(weights)" in m for m in compiled) == 1
     assert len(first) == 2 and weights[0].shape == (2, 2, 5, 5)
+
+
+def test_out_of_memory_is_one_line_that_names_the_batch(tmp_path, capsys, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 30 bytes.")
+
+    monkeypatch.setattr(predict, "predict", exhausted)
+    images = _images(tmp_path / "images", corrupt=False)
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(images), "--checkpoint", str(_checkpoint(tmp_path / "m.npz"))])
+    assert e.value.code == 2
+    assert re.fullmatch(
+        r"error: out of memory predicting batches of 32 images \(RESOURCE_EXHAUSTED: Out of "
+        r"memory allocating 30 bytes\.\); a cpu device has \d+\.\d GiB; use a smaller --batch\n",
+        capsys.readouterr().err,
+    )

@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 
 from vit_jax.commands import (
+    device_memory_note,
     first_line,
     huge_pages_setting,
     interruptible,
     nonnegative_int,
+    out_of_memory,
     positive_int,
     prog,
 )
@@ -332,7 +334,18 @@ def run(
         lowered = forward.lower(params, images)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
-        times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
+        try:
+            times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
+        except jax.errors.JaxRuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            result["peak_rss_gib"] = _peak_rss_gib()
+            result["error"] = (
+                f"out of memory running the forward pass: {first_line(e)[:200]}"
+                f"{device_memory_note(jax.devices()[0])}; try a smaller --batch"
+                + (" or --cpu_block_tokens" if result["platform"] == "cpu" else "")
+            )
+            return result
         if profile_dir is not None:
             result["profile"] = profile(lambda: compiled(params, images), profile_dir)
         flops_factor = 1
@@ -375,11 +388,12 @@ def run(
         try:
             times = _time(one_step, steps)
         except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            if not out_of_memory(e):
                 raise
             result["peak_rss_gib"] = _peak_rss_gib()
             result["error"] = (
-                "out of memory running the step: " + first_line(e)[:200] + "; try "
+                f"out of memory running the step: {first_line(e)[:200]}"
+                f"{device_memory_note(jax.devices()[0])}; try "
                 "--remat, --shard_params over more devices, --dtype bfloat16"
                 + (", a smaller --cpu_block_tokens" if result["platform"] == "cpu" else "")
                 + " or a smaller --batch"

@@ -244,6 +244,37 @@ def first_line(error: BaseException) -> str:
     return next(iter(str(error).strip().splitlines()), "")
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is XLA running out of memory: RESOURCE_EXHAUSTED from a run (a buffer the
+    device could not allocate; on CPU, memory the kernel refused) or, on TPU, from a compile."""
+    text = str(error)
+    return (
+        isinstance(error, RuntimeError)
+        and "RESOURCE_EXHAUSTED" in text
+        and re.search(r"memory|allocat", text, re.IGNORECASE) is not None
+    )
+
+
+def device_memory_gib(device: Any) -> float | None:
+    """GiB that `device`'s buffers can use: its allocator's limit on GPU and TPU, the machine's RAM
+    for a CPU device (which all CPU devices share); None when neither is known."""
+    stats = None
+    with contextlib.suppress(Exception):  # not every backend implements memory_stats
+        stats = device.memory_stats()
+    if stats and stats.get("bytes_limit"):
+        return stats["bytes_limit"] / 2**30
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        with contextlib.suppress(ValueError, OSError):
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return None
+
+
+def device_memory_note(device: Any) -> str:
+    """'; a gpu device has 79.1 GiB' (`device_memory_gib`), or '' when that is unknown."""
+    limit = device_memory_gib(device)
+    return f"; a {device.platform} device has {limit:.1f} GiB" if limit is not None else ""
+
+
 def prog(module: str) -> str:
     """The command name for usage lines: `vit-X` when run as that script, else `python -m MODULE`."""
     name = os.path.basename(sys.argv[0]) if sys.argv else ""

@@ -24,7 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import interruptible, positive_int, prog, user_path
+from vit_jax.commands import (
+    device_memory_note,
+    first_line,
+    interruptible,
+    out_of_memory,
+    positive_int,
+    prog,
+    user_path,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -307,7 +315,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    results, errors = predict(model, params, files, labels, args.top_k, args.batch)
+    try:
+        results, errors = predict(model, params, files, labels, args.top_k, args.batch)
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError
+        if not out_of_memory(e):
+            raise
+        import jax
+
+        print(
+            f"error: out of memory predicting batches of {args.batch} images "
+            f"({first_line(e)[:200]}){device_memory_note(jax.devices()[0])}; use a smaller --batch",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     errors = empty + errors
     for name, error in errors:
         print(f"could not read {name}: {error}", file=sys.stderr)
