@@ -1125,6 +1125,121 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(restored))
 
 
+OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 31.23GiB."
+
+
+class _OutOfMemoryFrom:
+    """A jitted step whose calls from the `first`-th on fail as XLA's do when a buffer does not
+    fit the device; lowering (the memory analysis) is the real step's."""
+
+    def __init__(self, jitted, first):
+        self.jitted, self.first, self.calls = jitted, first, 0
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls >= self.first:
+            raise jax.errors.JaxRuntimeError(OOM)
+        return self.jitted(*args)
+
+
+def test_out_of_memory_in_training_says_what_it_needs_and_what_to_change(tmp_path, monkeypatch):
+    make = train.make_train_step
+    monkeypatch.setattr(
+        train, "make_train_step", lambda *a, **k: _OutOfMemoryFrom(make(*a, **k), first=3)
+    )
+    config = tiny_config(eval_every=100)
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(e.value)
+    figures = r"\d+\.\d+ (GiB|MiB|KiB)"
+    assert re.fullmatch(
+        rf"out of memory in the training step \({re.escape(OOM)}\): micro-batches of 8 images "
+        rf"per device at 8x8 need {figures} of state and batch and {figures} of temporaries per "
+        rf"device; a cpu device has {figures}\. To fit, try --cpu_block_tokens 20 \(blocks of 4 "
+        r"images, not 8\); --remat \(.*\); a smaller --batch or --image_size\. Rerun with the "
+        r"same run directory to resume from step 2\.",
+        message,
+    ), message
+    monkeypatch.undo()
+    result = train.train_and_evaluate(config, str(tmp_path))  # resumes from step 2
+    assert result["step"] == 4 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_out_of_memory_in_an_evaluation_saves_the_step_first(tmp_path, monkeypatch):
+    make = train.make_eval_step
+    monkeypatch.setattr(
+        train, "make_eval_step", lambda *a, **k: _OutOfMemoryFrom(make(*a, **k), first=1)
+    )
+    config = tiny_config(eval_every=3, checkpoint_every=100)
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    assert str(e.value).startswith(
+        f"out of memory evaluating at step 3 ({OOM}): batches of 16 images at 8x8 over 1 "
+        "device(s); a cpu device has "
+    )
+    assert "Step 3 is saved: rerun with the same run directory and a smaller --batch_eval" in str(
+        e.value
+    )
+    assert checkpoint.saved_steps(str(tmp_path / "checkpoints")) == [3]
+    monkeypatch.undo()
+    config.batch_eval = 8
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 4 and result["num_examples"] == 360
+
+
+def test_memory_tips_put_the_settings_that_keep_the_updates_first():
+    model = models.get_model("ViT-B_16", num_classes=10)
+    config = train.preset("cifar10", "ViT-B_16")  # batch 512, accum_steps 8
+    config.dtype = "float32"
+    assert train.memory_tips(model, config, (512, 384, 384, 3), 1, "gpu") == [
+        "--accum_steps 16 (micro-batches of 32 images per device, not 64; the same updates)",
+        "--remat (each block's activations recomputed: about 1/3 more compute)",
+        "--dtype bfloat16",
+        "a smaller --batch or --image_size",
+    ]
+    config.dtype, config.remat = "bfloat16", True
+    tips = train.memory_tips(model, config, (512, 384, 384, 3), 8, "tpu")
+    assert tips == [
+        "--accum_steps 16 (micro-batches of 4 images per device, not 8; the same updates)",
+        "--shard_params (parameters and optimizer state split over the devices)",
+        "a smaller --batch or --image_size",
+    ]
+    config.accum_steps = 64  # one image per device: no smaller micro-batch
+    assert train.memory_tips(model, config, (512, 384, 384, 3), 8, "tpu")[0].startswith(
+        "--shard_params"
+    )
+    config = tiny_config(batch=32, image_size=224, accum_steps=1)
+    vit_ti = models.get_model("ViT-Ti_16", num_classes=10)
+    config.cpu_block_tokens = 0
+    assert train.memory_tips(vit_ti, config, (32, 224, 224, 3), 1, "cpu")[0] == (
+        "--cpu_block_tokens 1024 (CPU cache blocks, the default)"
+    )
+    config.cpu_block_tokens = 1024  # 8 blocks of 4 images (197 tokens each), 2 side by side
+    assert train.memory_tips(vit_ti, config, (32, 224, 224, 3), 1, "cpu")[:2] == [
+        "--cpu_blocks_at_once 1 (a few per cent slower)",
+        "--cpu_block_tokens 394 (blocks of 2 images, not 4)",
+    ]
+
+
+def test_the_training_step_compiles_once(tmp_path):
+    # The step is compiled ahead of its first call (for XLA's memory figures); the calls reuse it.
+    compiled = collections.Counter()
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled[kwargs.get("fun_name")] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        train.train_and_evaluate(tiny_config(), str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiled["jit(step_fn)"] == 1, compiled
+
+
 def test_fine_tune_from_published_npz_at_another_resolution(tmp_path):
     pretrained = models.get_model("testing", num_classes=21, representation_size=10)
     params = pretrained.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]

@@ -35,7 +35,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint, input_pipeline, models, parallel
-from vit_jax.commands import atomic_path, exit_interrupted, first_line, started
+from vit_jax.commands import (
+    atomic_path,
+    device_memory_note,
+    exit_interrupted,
+    first_line,
+    out_of_memory,
+    started,
+)
 from vit_jax.parallel import data_mesh, to_device
 
 
@@ -294,6 +301,66 @@ def blocks_side_by_side(model, config, image_shape: Sequence[int], num_devices: 
     blocks = micro_batches(model, config, image_shape, num_devices) // config.accum_steps
     return parallel.blocks_at_once(
         blocks, parallel.train_blocks_at_once(model.hidden_size, config.cpu_blocks_at_once)
+    )
+
+
+def memory_tips(
+    model, config, image_shape: Sequence[int], num_devices: int, platform: str
+) -> list[str]:
+    """Settings that shrink a training step's memory for a global NHWC batch of `image_shape`, the
+    ones that leave the updates as they are first, each with what it costs."""
+    tips = []
+    per_device = image_shape[0] // config.accum_steps // num_devices
+    if platform == "cpu" and config.cpu_block_tokens == 0:
+        tips.append(
+            f"--cpu_block_tokens {parallel.CPU_BLOCK_TOKENS} (CPU cache blocks, the default)"
+        )
+    elif platform == "cpu":
+        blocks = micro_batches(model, config, image_shape, num_devices) // config.accum_steps
+        if blocks_side_by_side(model, config, image_shape, num_devices) > 1:
+            tips.append("--cpu_blocks_at_once 1 (a few per cent slower)")
+        rows = per_device // blocks
+        if rows > 1:
+            tokens = model.num_tokens(tuple(image_shape[1:3])) * (rows // 2)
+            tips.append(f"--cpu_block_tokens {tokens} (blocks of {rows // 2} images, not {rows})")
+    else:
+        batch = image_shape[0]
+        accum = next(
+            (
+                a
+                for a in range(config.accum_steps + 1, batch // num_devices + 1)
+                if batch % a == 0 and batch // a % num_devices == 0
+            ),
+            None,
+        )
+        if accum is not None:
+            tips.append(
+                f"--accum_steps {accum} (micro-batches of {batch // accum // num_devices} images "
+                f"per device, not {per_device}; the same updates)"
+            )
+    if not config.remat:
+        tips.append("--remat (each block's activations recomputed: about 1/3 more compute)")
+    if config.dtype == "float32" and platform != "cpu":
+        tips.append("--dtype bfloat16")
+    if num_devices > 1 and not config.shard_params:
+        tips.append("--shard_params (parameters and optimizer state split over the devices)")
+    tips.append("a smaller --batch or --image_size")
+    return tips
+
+
+def memory_figures(memory: Any) -> str:
+    """XLA's per-device buffers of a compiled program (`compiled.memory_analysis()`), e.g. '61.2 MiB
+    of state and batch and 0.33 GiB of temporaries per device'."""
+
+    def size(n: int) -> str:
+        for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+            if n >= scale / 10:
+                return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+        return f"{n / 2**10:.1f} KiB"
+
+    return (
+        f"{size(memory.argument_size_in_bytes)} of state and batch and "
+        f"{size(memory.temp_size_in_bytes)} of temporaries per device"
     )
 
 
@@ -1061,13 +1128,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 ),
             )
 
+    step_memory = None  # XLA's buffers of the compiled training step, for the log and errors
+
+    def memory_error(error: BaseException, step: int | None) -> TrainingError:
+        """The TrainingError for an out-of-memory `error` in the training step (`step` None) or
+        in the evaluation at `step`, which saves that step first so that no training is lost."""
+        what = f"({first_line(error)[:200]})"
+        if step is None:
+            tips = memory_tips(
+                model, config, (config.batch, *hw, 3), num_devices, devices[0].platform
+            )
+            latest = manager.latest_step()
+            kept = (
+                f"Rerun with the same run directory to resume from step {latest}."
+                if latest is not None
+                else "No checkpoint had been written yet."
+            )
+            micro = config.batch // config.accum_steps // num_devices
+            needs = f" need {memory_figures(step_memory)}" if step_memory is not None else ""
+            return TrainingError(
+                f"out of memory in the training step {what}: micro-batches of {micro} images per "
+                f"device at {hw[0]}x{hw[1]}{needs}{device_memory_note(devices[0])}. To fit, try "
+                f"{'; '.join(tips)}. {kept}"
+            )
+        if step not in manager.all_steps():
+            save(step)
+        return TrainingError(
+            f"out of memory evaluating at step {step} {what}: batches of {config.batch_eval} "
+            f"images at {hw[0]}x{hw[1]} over {num_devices} device(s){device_memory_note(devices[0])}. "
+            f"Step {step} is saved: rerun with the same run "
+            f"directory and a smaller --batch_eval (a multiple of {num_devices}) to resume "
+            "there."
+        )
+
     last_step = start
     stopped_early = progress.should_stop  # a run that stopped early stays stopped when rerun
+    evaluating = False
     try:
         for step in range(start + 1, config.total_steps + 1):
             if stopped_early:
                 break
-            state, metrics = train_step(state, next(batches))
+            batch = next(batches)
+            if step == start + 1:  # compiled ahead of the first call, which reuses it
+                compiled = train_step.lower(state, batch).compile()
+                with contextlib.suppress(Exception):  # not every backend analyses memory
+                    step_memory = compiled.memory_analysis()
+                if step_memory is not None and jax.process_index() == 0:
+                    figures = memory_figures(step_memory) + device_memory_note(devices[0])
+                    tqdm.tqdm.write(f"XLA's buffers for the training step: {figures}")
+            state, metrics = train_step(state, batch)
             pending.append((step, metrics))
             last_step = step
             bar.update(1)
@@ -1077,7 +1186,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.log_every == 0 or do_eval or do_ckpt:
                 row = flush(step)
                 if do_eval:
+                    evaluating = True
                     eval_metrics = run_eval()
+                    evaluating = False
                     row.update(
                         accuracy=eval_metrics["accuracy"], test_loss=eval_metrics["test_loss"]
                     )
@@ -1105,6 +1216,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 if do_ckpt:
                     save(step)
+    except jax.errors.JaxRuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        raise memory_error(e, last_step if evaluating else None) from None
     finally:
         batches.close()  # stops the prefetch thread (see `prefetch`)
         bar.close()
@@ -1112,7 +1227,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
 
     if not eval_metrics:  # already finished before this call: evaluate the restored state
-        eval_metrics = run_eval()
+        try:
+            eval_metrics = run_eval()
+        except jax.errors.JaxRuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            raise memory_error(e, last_step) from None
     result = {
         "step": last_step,
         **eval_metrics,
