@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 import warnings
 
 import jax
@@ -1207,6 +1208,23 @@ def test_memory_tips_put_the_settings_that_keep_the_updates_first():
         "--shard_params (parameters and optimizer state split over the devices)",
         "a smaller --batch or --image_size",
     ]
+    # A T4 (11.1 GiB for XLA's allocator) and XLA's buffers for ViT-B/16 at 384 px in float32,
+    # micro-batches of 64 (a compile for its description): micro-batches of 16 fit, 32 do not.
+    config.dtype, config.remat = "float32", False
+    memory = types.SimpleNamespace(
+        argument_size_in_bytes=1.2 * 2**30, temp_size_in_bytes=31 * 2**30
+    )
+    assert train.memory_tips(model, config, (512, 384, 384, 3), 1, "gpu", memory, 11.1)[0] == (
+        "--accum_steps 32 (micro-batches of 16 images per device, not 64, about 7.8 GiB of "
+        "temporaries; the same updates)"
+    )
+    # Too big even one image at a time: the next accum_steps, and the other settings.
+    tips = train.memory_tips(model, config, (512, 384, 384, 3), 1, "gpu", memory, 1.5)
+    assert tips[:2] == [
+        "--accum_steps 16 (micro-batches of 32 images per device, not 64; the same updates)",
+        "--remat (each block's activations recomputed: about 1/3 more compute)",
+    ]
+    config.dtype, config.remat = "bfloat16", True
     config.accum_steps = 64  # one image per device: no smaller micro-batch
     assert train.memory_tips(model, config, (512, 384, 384, 3), 8, "tpu")[0].startswith(
         "--shard_params"

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from vit_jax import checkpoint, input_pipeline, models, parallel
 from vit_jax.commands import (
     atomic_path,
+    device_memory_gib,
     device_memory_note,
     exit_interrupted,
     first_line,
@@ -305,10 +306,18 @@ def blocks_side_by_side(model, config, image_shape: Sequence[int], num_devices: 
 
 
 def memory_tips(
-    model, config, image_shape: Sequence[int], num_devices: int, platform: str
+    model,
+    config,
+    image_shape: Sequence[int],
+    num_devices: int,
+    platform: str,
+    memory: Any = None,
+    limit_gib: float | None = None,
 ) -> list[str]:
     """Settings that shrink a training step's memory for a global NHWC batch of `image_shape`, the
-    ones that leave the updates as they are first, each with what it costs."""
+    ones that leave the updates as they are first, each with what it costs. With the step's
+    `memory` (`compiled.memory_analysis()`) and the device's `limit_gib`, `--accum_steps` is the
+    smallest whose micro-batch fits 90 % of the device by XLA's temporaries scaled to its size."""
     tips = []
     per_device = image_shape[0] // config.accum_steps // num_devices
     if platform == "cpu" and config.cpu_block_tokens == 0:
@@ -325,18 +334,25 @@ def memory_tips(
             tips.append(f"--cpu_block_tokens {tokens} (blocks of {rows // 2} images, not {rows})")
     else:
         batch = image_shape[0]
-        accum = next(
-            (
-                a
-                for a in range(config.accum_steps + 1, batch // num_devices + 1)
-                if batch % a == 0 and batch // a % num_devices == 0
-            ),
-            None,
-        )
+        larger = [
+            a
+            for a in range(config.accum_steps + 1, batch // num_devices + 1)
+            if batch % a == 0 and batch // a % num_devices == 0
+        ]
+        fits, per_image = None, 0.0
+        if memory is not None and limit_gib:
+            room = 0.9 * limit_gib * 2**30 - memory.argument_size_in_bytes
+            per_image = memory.temp_size_in_bytes / per_device
+            fits = next(
+                (a for a in larger if per_image * (batch // a // num_devices) <= room), None
+            )
+        accum = fits or (larger[0] if larger else None)
         if accum is not None:
+            micro = batch // accum // num_devices
+            estimate = f", about {per_image * micro / 2**30:.1f} GiB of temporaries" if fits else ""
             tips.append(
-                f"--accum_steps {accum} (micro-batches of {batch // accum // num_devices} images "
-                f"per device, not {per_device}; the same updates)"
+                f"--accum_steps {accum} (micro-batches of {micro} images per device, not "
+                f"{per_device}{estimate}; the same updates)"
             )
     if not config.remat:
         tips.append("--remat (each block's activations recomputed: about 1/3 more compute)")
@@ -1135,9 +1151,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         in the evaluation at `step`, which saves that step first so that no training is lost."""
         what = f"({first_line(error)[:200]})"
         if step is None:
-            tips = memory_tips(
-                model, config, (config.batch, *hw, 3), num_devices, devices[0].platform
-            )
+            shape = (config.batch, *hw, 3)
+            limit = device_memory_gib(devices[0])
+            platform = devices[0].platform
+            tips = memory_tips(model, config, shape, num_devices, platform, step_memory, limit)
             latest = manager.latest_step()
             kept = (
                 f"Rerun with the same run directory to resume from step {latest}."
