@@ -39,6 +39,8 @@ def test_notebook_runs_offline_end_to_end(tmp_path):
             "STEPS = 8",
             "BATCH = 16",
             "IMAGE_SIZE = 32",
+            "ACCUM_STEPS = 0",
+            'TEST_SPLIT = ""',
             'IMAGES = ""',
             "MODEL_OVERRIDES = {}",
             "OFFLINE = True",
@@ -65,3 +67,23 @@ def test_notebook_runs_offline_end_to_end(tmp_path):
     assert result["logged_steps"] == [2, 4, 6, 8]
     assert "1000 classes at 32x32 pixels" in text
     assert os.path.exists(tmp_path / "run" / "model.npz")
+
+
+def test_a_cpu_gets_a_run_that_ends_in_minutes(tmp_path):
+    # The committed parameters, the runtime cell and the fine-tuning cell, with the training call
+    # replaced by one that prints the configuration it gets (the real one would download CIFAR-10).
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    finetune = next(c for c in nb.cells if "train.train_and_evaluate(" in c.source)
+    stub = nbformat.v4.new_code_cell(
+        "from vit_jax import train\n"
+        "train.train_and_evaluate = lambda c, w: print('CONFIG', c.model, c.image_size, c.batch, "
+        "c.accum_steps, c.total_steps, c.test_split, c.eval_every)"
+    )
+    nb.cells = [*nb.cells[:4], stub, finetune]
+    client = NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "ViT-B_32 at 224 px, 64 images a step, 50 steps" in text
+    assert "CONFIG ViT-B_32 224 64 1 50 test[:1000] 12" in text
