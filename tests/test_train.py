@@ -1185,10 +1185,12 @@ def test_out_of_memory_in_an_evaluation_saves_the_step_first(tmp_path, monkeypat
         e.value
     )
     assert checkpoint.saved_steps(str(tmp_path / "checkpoints")) == [3]
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3] and "accuracy" not in rows(tmp_path)[2]
     monkeypatch.undo()
     config.batch_eval = 8
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 4 and result["num_examples"] == 360
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_memory_tips_put_the_settings_that_keep_the_updates_first():

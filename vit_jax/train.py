@@ -1236,6 +1236,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise
+        if evaluating:  # the step's training metrics are logged; its evaluation failed
+            writer.write(row)
         raise memory_error(e, last_step if evaluating else None) from None
     finally:
         batches.close()  # stops the prefetch thread (see `prefetch`)
