@@ -63,6 +63,23 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _out_of_memory(
+    result: dict[str, Any], error: BaseException, what: str, tips: str
+) -> dict[str, Any]:
+    """`result` with the `error` of a run of `what` that ran out of memory (XLA's reason, the
+    device's memory, `tips`) and the peak host memory; any other error is raised again."""
+    import jax
+
+    if not out_of_memory(error):
+        raise error
+    result["peak_rss_gib"] = _peak_rss_gib()
+    result["error"] = (
+        f"out of memory running {what}: {first_line(error)[:200]}"
+        f"{device_memory_note(jax.devices()[0])}; try {tips}"
+    )
+    return result
+
+
 # Square sizes whose best rate is the peak. One size is not enough: on a Zen 4 EPYC, bfloat16 products
 # ran at 297, 382 and 266 GFLOP/s at 1024, 1536 and 2048 (float32: 184, 205, 193), so a 2048-only
 # peak put ViT-B/16 bfloat16 inference at 110 % of it.
@@ -337,15 +354,9 @@ def run(
         try:
             times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
         except jax.errors.JaxRuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            result["peak_rss_gib"] = _peak_rss_gib()
-            result["error"] = (
-                f"out of memory running the forward pass: {first_line(e)[:200]}"
-                f"{device_memory_note(jax.devices()[0])}; try a smaller --batch"
-                + (" or --cpu_block_tokens" if result["platform"] == "cpu" else "")
-            )
-            return result
+            on_cpu = result["platform"] == "cpu"
+            tips = "a smaller --batch" + (" or --cpu_block_tokens" if on_cpu else "")
+            return _out_of_memory(result, e, "the forward pass", tips)
         if profile_dir is not None:
             result["profile"] = profile(lambda: compiled(params, images), profile_dir)
         flops_factor = 1
@@ -388,17 +399,13 @@ def run(
         try:
             times = _time(one_step, steps)
         except jax.errors.JaxRuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            result["peak_rss_gib"] = _peak_rss_gib()
-            result["error"] = (
-                f"out of memory running the step: {first_line(e)[:200]}"
-                f"{device_memory_note(jax.devices()[0])}; try "
+            on_cpu = result["platform"] == "cpu"
+            tips = (
                 "--remat, --shard_params over more devices, --dtype bfloat16"
-                + (", a smaller --cpu_block_tokens" if result["platform"] == "cpu" else "")
+                + (", a smaller --cpu_block_tokens" if on_cpu else "")
                 + " or a smaller --batch"
             )
-            return result
+            return _out_of_memory(result, e, "the step", tips)
         if profile_dir is not None:
             result["profile"] = profile(one_step, profile_dir)
         flops_factor = 3  # forward + backward (about 2x forward)

@@ -275,6 +275,22 @@ def device_memory_note(device: Any) -> str:
     return f"; a {device.platform} device has {limit:.1f} GiB" if limit is not None else ""
 
 
+def exit_out_of_memory(error: BaseException, doing: str) -> NoReturn:
+    """Ends a command whose `error` is XLA running out of memory while `doing` (e.g. 'predicting
+    batches of 32 images'): one line with XLA's reason and the device's memory that asks for a
+    smaller --batch, status 2. Any other error is raised again."""
+    if not out_of_memory(error):
+        raise error
+    import jax
+
+    print(
+        f"error: out of memory {doing} ({first_line(error)[:200]})"
+        f"{device_memory_note(jax.devices()[0])}; use a smaller --batch",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def prog(module: str) -> str:
     """The command name for usage lines: `vit-X` when run as that script, else `python -m MODULE`."""
     name = os.path.basename(sys.argv[0]) if sys.argv else ""

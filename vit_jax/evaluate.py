@@ -25,15 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vit_jax.commands import (
-    device_memory_note,
-    first_line,
-    interruptible,
-    out_of_memory,
-    positive_int,
-    prog,
-    user_path,
-)
+from vit_jax.commands import exit_out_of_memory, interruptible, positive_int, prog, user_path
 
 # The training settings that say which examples are read and how (a run's config.json has them).
 DATA_FIELDS = (
@@ -374,16 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {own_flags(str(e))}", file=sys.stderr)
         sys.exit(2)
     except RuntimeError as e:  # jax.errors.JaxRuntimeError
-        if not out_of_memory(e):
-            raise
-        import jax
-
-        print(
-            f"error: out of memory evaluating batches of {args.batch} images ({first_line(e)[:200]})"
-            f"{device_memory_note(jax.devices()[0])}; use a smaller --batch",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        exit_out_of_memory(e, f"evaluating batches of {args.batch} images")
     if args.json:
         print(json.dumps({**metrics, "class_names": class_names, "dataset": dataset}))
     else:

@@ -24,15 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax.commands import (
-    device_memory_note,
-    first_line,
-    interruptible,
-    out_of_memory,
-    positive_int,
-    prog,
-    user_path,
-)
+from vit_jax.commands import exit_out_of_memory, interruptible, positive_int, prog, user_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -318,16 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         results, errors = predict(model, params, files, labels, args.top_k, args.batch)
     except RuntimeError as e:  # jax.errors.JaxRuntimeError
-        if not out_of_memory(e):
-            raise
-        import jax
-
-        print(
-            f"error: out of memory predicting batches of {args.batch} images "
-            f"({first_line(e)[:200]}){device_memory_note(jax.devices()[0])}; use a smaller --batch",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        exit_out_of_memory(e, f"predicting batches of {args.batch} images")
     errors = empty + errors
     for name, error in errors:
         print(f"could not read {name}: {error}", file=sys.stderr)
