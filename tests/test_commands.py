@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from vit_jax import commands
@@ -237,3 +238,34 @@ def test_a_command_process_restarts_with_huge_pages(tmp_path):
     # The user's own setting is kept: no restart, no huge pages.
     kept = child({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert [r[0] for r in kept] == ["pid", "huge"] and int(kept[1][1]) < 32
+
+
+def test_device_memory_is_the_allocators_limit_or_the_ram_a_container_allows(tmp_path, monkeypatch):
+    class Gpu:
+        platform = "gpu"
+
+        def memory_stats(self):
+            return {"bytes_limit": 12 * 2**30, "bytes_in_use": 2**30}
+
+    class Plugin:
+        platform = "metal"
+
+        def memory_stats(self):
+            raise NotImplementedError
+
+    assert commands.device_memory_gib(Gpu()) == 12.0
+    assert commands.device_memory_gib(Plugin()) is None
+    cpu = jax.devices("cpu")[0]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    monkeypatch.setattr(commands, "CGROUP_MEMORY_FILES", (str(v2), str(v1)))
+    assert commands.device_memory_gib(cpu) == ram  # no cgroup files
+    v1.write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    assert commands.device_memory_gib(cpu) == ram
+    v1.write_text(f"{2**30}\n")
+    assert commands.device_memory_gib(cpu) == 1.0
+    v2.write_text("max\n")  # cgroup v2 without a limit: v1's file is not read
+    assert commands.device_memory_gib(cpu) == ram
+    v2.write_text(f"{3 * 2**30}\n")
+    assert commands.device_memory_gib(cpu) == 3.0
+    assert commands.device_memory_note(cpu) == "; a cpu device has 3.0 GiB"

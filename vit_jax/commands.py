@@ -255,18 +255,35 @@ def out_of_memory(error: BaseException) -> bool:
     )
 
 
+# A container's memory limit: cgroup v2's, then v1's ("max", or a huge number, when there is none).
+CGROUP_MEMORY_FILES = (
+    "/sys/fs/cgroup/memory.max",
+    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+)
+
+
 def device_memory_gib(device: Any) -> float | None:
-    """GiB that `device`'s buffers can use: its allocator's limit on GPU and TPU, the machine's RAM
-    for a CPU device (which all CPU devices share); None when neither is known."""
+    """GiB that `device`'s buffers can use: its allocator's limit on GPU and TPU; for a CPU device
+    (all CPU devices share it) the machine's RAM, or the container's memory limit where that is
+    lower; None when neither is known."""
     stats = None
     with contextlib.suppress(Exception):  # not every backend implements memory_stats
         stats = device.memory_stats()
     if stats and stats.get("bytes_limit"):
         return stats["bytes_limit"] / 2**30
-    if device.platform == "cpu" and hasattr(os, "sysconf"):
-        with contextlib.suppress(ValueError, OSError):
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return None
+    if device.platform != "cpu" or not hasattr(os, "sysconf"):
+        return None
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+    for path in CGROUP_MEMORY_FILES:
+        with contextlib.suppress(OSError), open(path) as f:
+            text = f.read().strip()
+            if text.isdigit():
+                limit = min(limit, int(text))
+            break
+    return limit / 2**30
 
 
 def device_memory_note(device: Any) -> str:
