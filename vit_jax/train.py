@@ -1146,41 +1146,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     step_memory = None  # XLA's buffers of the compiled training step, for the log and errors
 
-    def memory_error(error: BaseException, step: int | None) -> TrainingError:
-        """The TrainingError for an out-of-memory `error` in the training step (`step` None) or
-        in the evaluation at `step`, which saves that step first so that no training is lost."""
-        what = f"({first_line(error)[:200]})"
-        if step is None:
-            shape = (config.batch, *hw, 3)
-            limit = device_memory_gib(devices[0])
-            platform = devices[0].platform
-            tips = memory_tips(model, config, shape, num_devices, platform, step_memory, limit)
-            latest = manager.latest_step()
-            kept = (
-                f"Rerun with the same run directory to resume from step {latest}."
-                if latest is not None
-                else "No checkpoint had been written yet."
-            )
-            micro = config.batch // config.accum_steps // num_devices
-            needs = f" need {memory_figures(step_memory)}" if step_memory is not None else ""
-            return TrainingError(
-                f"out of memory in the training step {what}: micro-batches of {micro} images per "
-                f"device at {hw[0]}x{hw[1]}{needs}{device_memory_note(devices[0])}. To fit, try "
-                f"{'; '.join(tips)}. {kept}"
-            )
-        if step not in manager.all_steps():
-            save(step)
-        return TrainingError(
-            f"out of memory evaluating at step {step} {what}: batches of {config.batch_eval} "
-            f"images at {hw[0]}x{hw[1]} over {num_devices} device(s){device_memory_note(devices[0])}. "
-            f"Step {step} is saved: rerun with the same run "
-            f"directory and a smaller --batch_eval (a multiple of {num_devices}) to resume "
-            "there."
+    def memory_error(error: BaseException) -> TrainingError:
+        """The TrainingError for an out-of-memory `error` in the training step."""
+        shape = (config.batch, *hw, 3)
+        limit = device_memory_gib(devices[0])
+        platform = devices[0].platform
+        tips = memory_tips(model, config, shape, num_devices, platform, step_memory, limit)
+        latest = manager.latest_step()
+        kept = (
+            f"Rerun with the same run directory to resume from step {latest}."
+            if latest is not None
+            else "No checkpoint had been written yet."
         )
+        micro = config.batch // config.accum_steps // num_devices
+        needs = f" need {memory_figures(step_memory)}" if step_memory is not None else ""
+        return TrainingError(
+            f"out of memory in the training step ({first_line(error)[:200]}): micro-batches of "
+            f"{micro} images per device at {hw[0]}x{hw[1]}{needs}"
+            f"{device_memory_note(devices[0])}. To fit, try {'; '.join(tips)}. {kept}"
+        )
+
+    def evaluate_at(step: int, row: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`run_eval()` at `step`. One that runs out of memory keeps the step first (its training
+        metrics `row` in metrics.jsonl, its checkpoint), then asks for a smaller batch_eval."""
+        try:
+            return run_eval()
+        except jax.errors.JaxRuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            if row is not None:
+                writer.write(row)
+            if step not in manager.all_steps():
+                save(step)
+            raise TrainingError(
+                f"out of memory evaluating at step {step} ({first_line(e)[:200]}): batches of "
+                f"{config.batch_eval} images at {hw[0]}x{hw[1]} over {num_devices} device(s)"
+                f"{device_memory_note(devices[0])}. Step {step} is saved: rerun with the same run "
+                f"directory and a smaller --batch_eval (a multiple of {num_devices}) to resume "
+                "there."
+            ) from None
 
     last_step = start
     stopped_early = progress.should_stop  # a run that stopped early stays stopped when rerun
-    evaluating = False
     try:
         for step in range(start + 1, config.total_steps + 1):
             if stopped_early:
@@ -1203,9 +1210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.log_every == 0 or do_eval or do_ckpt:
                 row = flush(step)
                 if do_eval:
-                    evaluating = True
-                    eval_metrics = run_eval()
-                    evaluating = False
+                    eval_metrics = evaluate_at(step, row)
                     row.update(
                         accuracy=eval_metrics["accuracy"], test_loss=eval_metrics["test_loss"]
                     )
@@ -1236,9 +1241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except jax.errors.JaxRuntimeError as e:
         if not out_of_memory(e):
             raise
-        if evaluating:  # the step's training metrics are logged; its evaluation failed
-            writer.write(row)
-        raise memory_error(e, last_step if evaluating else None) from None
+        raise memory_error(e) from None
     finally:
         batches.close()  # stops the prefetch thread (see `prefetch`)
         bar.close()
@@ -1246,12 +1249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
 
     if not eval_metrics:  # already finished before this call: evaluate the restored state
-        try:
-            eval_metrics = run_eval()
-        except jax.errors.JaxRuntimeError as e:
-            if not out_of_memory(e):
-                raise
-            raise memory_error(e, last_step) from None
+        eval_metrics = evaluate_at(last_step)
     result = {
         "step": last_step,
         **eval_metrics,
