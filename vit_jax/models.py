@@ -610,25 +610,32 @@ class MultiHeadDotProductAttention(nn.Module):
             # (N, heads, L, head_dim): batched matmuls over contiguous heads, no transposes.
             q = q / np.sqrt(head_dim).astype(q.dtype)
             q, k, v = (jnp.swapaxes(t, -3, -2).astype(self.dtype) for t in (q, k, v))
+            heads_lead = q.shape[:-2]  # (N, heads)
+            if mixed_products(self.dtype):
+                # XLA:CPU makes the heads-major swap a layout of the (N, L, heads, head_dim)
+                # array, and converts a bfloat16 product's operands in such a layout to float32
+                # (the float32 rate); merged into one N*heads axis, they are bfloat16 copies.
+                q, k, v = (t.reshape(-1, *t.shape[-2:]) for t in (q, k, v))
             # In float32 too: its backward products need no transposes after them (see its docstring).
             dot = mixed_dot_general
-            batch = tuple(range(q.ndim - 2))  # (N, heads)
+            batch = tuple(range(q.ndim - 2))
             logits = dot(q, k, (((q.ndim - 1,), (q.ndim - 1,)), (batch, batch)))  # qd,kd->qk
             pv = (((q.ndim - 1,), (q.ndim - 2,)), (batch, batch))  # qk,kd->qd
             if use_dropout or keep_weights:
-                weights = jax.nn.softmax(logits, axis=-1)
+                weights = jax.nn.softmax(logits, axis=-1).reshape(*heads_lead, *logits.shape[-2:])
                 if keep_weights:
                     self.sow("intermediates", "attention_weights", weights)
                 weights = nn.Dropout(self.dropout_rate)(
                     weights, deterministic=not use_dropout, rng=rng
                 )
-                y = dot(weights.astype(self.dtype), v, pv)
+                y = dot(weights.reshape(logits.shape).astype(self.dtype), v, pv)
             else:
                 # Softmax normalised after the product, as flash attention does: the division runs
                 # over (L, head_dim) outputs instead of (L, L) weights (ViT-B/16 inference ~6 %
                 # faster on XLA:CPU).
                 e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
                 y = dot(e.astype(self.dtype), v, pv) / e.sum(axis=-1, keepdims=True)
+            y = y.reshape(*heads_lead, *y.shape[-2:])
             y = jnp.swapaxes(y, -3, -2)  # (N, heads, L, head_dim) -> (N, L, heads, head_dim)
 
         y, out_bias = Projection(features=(features,), in_axes=2, dtype=self.dtype, name="out")(
