@@ -735,7 +735,9 @@ def test_a_class_token_head_runs_the_last_block_on_the_class_token_alone(monkeyp
         mp.setattr(models.VisionTransformer, "_class_token_only", lambda self: False)
         (want_loss, want_grads), want_rows = run(model)
     assert want_rows == ["10"]
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    # Two programs whose products run on different kernels (one row per image, or all five) round
+    # differently: 1.2e-6 apart on jax 0.8.1 on a Xeon with AMX, 8 units in the last place.
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want_grads))
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g / scale, w / scale, atol=1e-6)
