@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.test_parallel import devices_env
-from vit_jax import benchmark, models
+from vit_jax import benchmark, models, parallel
 
 
 def test_infer_and_train_figures_are_consistent():
@@ -29,6 +29,8 @@ def test_infer_and_train_figures_are_consistent():
     assert train["gflops_per_image"] == pytest.approx(3 * infer["gflops_per_image"])
     assert infer["micro_batches"] == train["micro_batches"] == 1  # 4 images x 5 tokens: one block
     assert infer["blocks_at_once"] == train["blocks_at_once"] == 1
+    assert infer["cpu_block_tokens"] == parallel.inference_block_tokens()  # 1024 or 4096
+    assert train["cpu_block_tokens"] == parallel.CPU_BLOCK_TOKENS
 
 
 def test_cpu_blocks_are_reported(monkeypatch):
@@ -37,7 +39,7 @@ def test_cpu_blocks_are_reported(monkeypatch):
     for mode in ("infer", "train"):
         r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=10)
         # Two blocks side by side in a training step, one at a time for inference (as evaluation).
-        assert r["micro_batches"] == 2 and r["img_s"] > 0
+        assert r["micro_batches"] == 2 and r["img_s"] > 0 and r["cpu_block_tokens"] == 10
         assert r["blocks_at_once"] == (2 if mode == "train" else 1)
         assert r["attention"] == "einsum"  # XLA:CPU's
         r = benchmark.run("testing", 32, 4, mode, steps=1, cpu_block_tokens=5, cpu_blocks_at_once=3)

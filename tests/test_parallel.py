@@ -225,6 +225,39 @@ def test_cpu_blocks_pick_the_fewest_blocks_under_the_token_budget():
     assert parallel.cpu_blocks(4, 10, 1024) == 1
 
 
+def test_the_largest_cache_is_read_from_linux_listing(tmp_path):
+    for index, size in enumerate(["48K", "64K", "2048K", "491520K"]):  # the Xeon's, as its VM lists
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    read = parallel.last_level_cache_bytes.__wrapped__
+    assert read(str(tmp_path)) == 480 * 2**20
+    (tmp_path / "index3" / "size").write_text("unreadable")
+    (tmp_path / "index4").mkdir()
+    (tmp_path / "index4" / "size").write_text("1M")
+    assert read(str(tmp_path)) == 2 * 2**20  # the unreadable entry is skipped
+    assert read(str(tmp_path / "missing")) is None  # no listing (macOS, Windows)
+
+
+@pytest.mark.parametrize(
+    "cache, train_tokens, tokens",
+    [(32 * 2**20, 1024, 1024), (480 * 2**20, 1024, 4096), (64 * 2**20, 512, 2048),
+     (None, 1024, 1024), (480 * 2**20, 0, 0)],
+)  # fmt: skip
+def test_inference_blocks_are_larger_on_a_cpu_with_a_large_cache(
+    monkeypatch, cache, train_tokens, tokens
+):
+    monkeypatch.setattr(parallel, "last_level_cache_bytes", lambda: cache)
+    assert parallel.inference_block_tokens(train_tokens) == tokens
+    # Predictions take that default: 16 images of 197 tokens in blocks of 4 (1024) or 16 (4096).
+    model = type("Model", (), {"num_tokens": lambda self, hw: 197})()
+    blocks = []
+    monkeypatch.setattr(parallel, "map_in_blocks", lambda fn, x, n, at_once: blocks.append(n))
+    parallel.apply_in_blocks(model, {}, jnp.zeros((16, 224, 224, 3)))
+    default = parallel.inference_block_tokens()
+    assert blocks == [parallel.cpu_blocks(16, 197, default)]
+    assert blocks == [{1024: 4, 4096: 1}[default]]
+
+
 def test_blocks_interleave_rows_and_merge_rows_undoes_it():
     x = np.arange(12).reshape(6, 2)
     rows = parallel.strided_rows(jnp.asarray(x), 3)

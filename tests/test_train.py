@@ -26,7 +26,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from tests.test_parallel import devices_env
-from vit_jax import checkpoint, input_pipeline, models, parallel, predict, train
+from vit_jax import checkpoint, evaluate, input_pipeline, models, parallel, predict, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1191,6 +1191,24 @@ def test_out_of_memory_in_an_evaluation_saves_the_step_first(tmp_path, monkeypat
     result = train.train_and_evaluate(config, str(tmp_path))
     assert result["step"] == 4 and result["num_examples"] == 360
     assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("cache_mib, scale", [(32, 1), (480, 4)])
+def test_evaluation_blocks_follow_the_cpu_cache(tmp_path, monkeypatch, capsys, cache_mib, scale):
+    # Evaluation takes 4x a training block's tokens where the CPU's largest cache is 64 MiB or
+    # more: in training (blocks of 40 tokens here) and in the evaluate command (the default 1024).
+    monkeypatch.setattr(parallel, "last_level_cache_bytes", lambda: cache_mib * 2**20)
+    make, asked = train.make_eval_step, []
+    monkeypatch.setattr(
+        train, "make_eval_step", lambda m, tokens=None: asked.append(tokens) or make(m, tokens)
+    )
+    config = tiny_config(total_steps=1, eval_every=1, cpu_block_tokens=40)
+    result = train.train_and_evaluate(config, str(tmp_path))
+    assert asked == [40 * scale] and result["num_examples"] == 360
+    capsys.readouterr()  # training's log
+    evaluate.main(["--workdir", str(tmp_path), "--json"])
+    assert asked == [40 * scale, 1024 * scale]
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(result["accuracy"])
 
 
 def test_memory_tips_put_the_settings_that_keep_the_updates_first():

@@ -269,11 +269,12 @@ def run(
     Training also reports memory: XLA's buffer sizes for the compiled step (arguments, i.e. the state
     and batch, and temporaries, i.e. activations and gradients) and the process's peak RSS. A step that
     runs out of memory returns those figures with an `error` instead of timings.
-    `cpu_block_tokens` (None: the default, `parallel.CPU_BLOCK_TOKENS`) sets the CPU cache blocking
-    (`parallel.cpu_blocks`) and `cpu_blocks_at_once` how many blocks run side by side (None: as
-    training and evaluation run them, `train.blocks_side_by_side` and 1); the result's
-    `micro_batches` says in how many blocks a step ran and `blocks_at_once` how many of them at a
-    time.
+    `cpu_block_tokens` (None: the default, `parallel.CPU_BLOCK_TOKENS` for training and
+    `parallel.inference_block_tokens()` for inference, reported as the result's `cpu_block_tokens`)
+    sets the CPU cache blocking (`parallel.cpu_blocks`) and `cpu_blocks_at_once` how many blocks
+    run side by side (None: as training and evaluation run them, `train.blocks_side_by_side` and
+    1); the result's `micro_batches` says in how many blocks a step ran and `blocks_at_once` how
+    many of them at a time.
     `attention` is the model's attention setting (`models.ATTENTION`); the result's `attention` is
     the kernel the compiled program runs. `dtype` "auto" is `models.default_compute_dtype()`.
     `profile_dir`: after the timed steps, `PROFILE_STEPS` more run under `jax.profiler`, whose trace
@@ -339,7 +340,10 @@ def run(
     if mode == "infer":
         # Inference keeps the weights in the compute dtype, as a deployment would (no per-call casts).
         params = jax.tree.map(lambda p: p.astype(model.dtype), params)
-        max_tokens = parallel.CPU_BLOCK_TOKENS if cpu_block_tokens is None else cpu_block_tokens
+        max_tokens = (
+            parallel.inference_block_tokens() if cpu_block_tokens is None else cpu_block_tokens
+        )
+        result["cpu_block_tokens"] = max_tokens
         n_dev = jax.device_count()
         result["micro_batches"] = parallel.model_blocks(model, images.shape, n_dev, max_tokens)
         at_once = cpu_blocks_at_once or 1  # as evaluation and predictions
@@ -365,6 +369,7 @@ def run(
         if cpu_block_tokens is not None:
             config.cpu_block_tokens = cpu_block_tokens
         config.cpu_blocks_at_once = cpu_blocks_at_once or 0  # 0: auto, as in training
+        result["cpu_block_tokens"] = config.cpu_block_tokens
         result["micro_batches"] = train.micro_batches(
             model, config, images.shape, jax.device_count()
         )
@@ -494,7 +499,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=nonnegative_int,
         default=None,
         help="CPU: run the batch in blocks of at most this many tokens per device, one after "
-        "another (0 = the whole batch at once; default 1024)",
+        "another (0 = the whole batch at once; default 1024, for inference 4096 where the CPU's "
+        "largest cache is 64 MiB or more)",
     )
     parser.add_argument(
         "--cpu_blocks_at_once",

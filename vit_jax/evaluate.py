@@ -261,7 +261,9 @@ def evaluate_checkpoint(
         info = dataset_info(config, model.num_classes, run_labels)
     mesh = parallel.data_mesh()
     params = jax.device_put(params, NamedSharding(mesh, P()))  # replicated
-    eval_step = train.make_eval_step(model, config.cpu_block_tokens)
+    eval_step = train.make_eval_step(
+        model, parallel.inference_block_tokens(config.cpu_block_tokens)
+    )
     batches = input_pipeline.eval_batches(config, info, batch)
     metrics = train.evaluate(
         eval_step, params, batches, NamedSharding(mesh, P("data")), info.num_classes
