@@ -1,6 +1,7 @@
 """Model family: parameter counts and names, shapes, dtypes, dropout, errors."""
 
 import collections
+import functools
 import re
 import subprocess
 import sys
@@ -1024,3 +1025,22 @@ def test_bfloat16_kernel_gradients_lay_out_the_smaller_operand_on_xla_cpu():
     for layer in ("Dense_0", "Dense_1"):
         assert _relative_error(mlp(ours)[layer]["kernel"], mlp(ref)[layer]["kernel"]) < 0.05
     assert _relative_error(ours["embedding"]["kernel"], ref["embedding"]["kernel"]) < 0.05
+
+
+@pytest.mark.parametrize("cpu", [True, False])
+def test_bfloat16_backward_product_forms_are_for_xla_cpu(cpu, monkeypatch):
+    # The transposed kernel gradient and the unit contracting axis of dK and dV work around
+    # XLA:CPU; elsewhere (the einsum attention runs on GPUs and TPUs too) the backward products are
+    # the direct einsums.
+    monkeypatch.setattr(models, "on_xla_cpu", lambda: cpu)
+    barriers = unit_axis = 0
+    for dims, lhs_shape, rhs_shape in DOT_PRODUCTS:
+        lhs, rhs = jnp.ones(lhs_shape, jnp.bfloat16), jnp.ones(rhs_shape, jnp.bfloat16)
+        product = functools.partial(models.mixed_dot_general, dimension_numbers=dims)
+        out, vjp = jax.vjp(product, lhs, rhs)
+        for eqn in jax.make_jaxpr(vjp)(out).jaxpr.eqns:
+            barriers += eqn.primitive.name == "optimization_barrier"
+            shapes = [v.aval.shape for v in eqn.invars]
+            unit_axis += eqn.primitive.name == "dot_general" and shapes[0][0] == 1
+    # On XLA:CPU: the Dense kernel gradient computed transposed, and dK (q k^T) and dV (weights v).
+    assert (barriers, unit_axis) == ((1, 2) if cpu else (0, 0))

@@ -118,7 +118,8 @@ def _mixed_dot_bwd(dimension_numbers: tuple, residuals: tuple, g: jax.Array):
     # jnp.einsum orders each product's operands so that it needs no transpose afterwards.
     d_lhs = jnp.einsum(f"{out},{rs}->{ls}", g, rhs, preferred_element_type=f32)
     (_, _), (batch, _) = dimension_numbers
-    if lhs.dtype != f32 and rhs.ndim == 2 and not batch and g.size + rhs.size < lhs.size:
+    low_on_cpu = lhs.dtype != f32 and on_xla_cpu()  # (the einsum attention runs elsewhere too)
+    if low_on_cpu and rhs.ndim == 2 and not batch and g.size + rhs.size < lhs.size:
         # A kernel's gradient, (in, tokens)·(tokens, out): XLA:CPU lays the activation out as
         # (in, tokens) first, and its low-precision transposes are slow (ViT-Ti/16's (788, 768) MLP
         # activation: 0.44 ms, the product 0.36 ms). Where the cotangent and the float32 result
@@ -129,7 +130,7 @@ def _mixed_dot_bwd(dimension_numbers: tuple, residuals: tuple, g: jax.Array):
         # product, as one that XLA:CPU cannot run in bfloat16.
         d_rhs_t = jnp.einsum(f"{out},{ls}->{rs[::-1]}", g, lhs, preferred_element_type=f32)
         d_rhs = jax.lax.optimization_barrier(d_rhs_t).T
-    elif lhs.dtype != f32 and batch:
+    elif low_on_cpu and batch:
         # The attention's dK and dV contract both operands' first axes after the batch axis, and
         # XLA:CPU converts such a product's bfloat16 operands to float32 (the float32 rate, and two
         # conversions of the (L, L) weights). A product over two contracting axes it rewrites as a
