@@ -98,8 +98,9 @@ def mixed_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: tuple) 
     """`lax.dot_general` of two low-precision operands with a float32 result, whose backward pass
     rounds the cotangent to the operands' dtype (the cotangent of a bfloat16 activation, as on TPU)
     and computes both transposed products the same way: low-precision operands, float32 result, then
-    cast to each operand's dtype (a kernel's gradient computed transposed where that lays out
-    fewer elements, see `_mixed_dot_bwd`). `dimension_numbers` as for `lax.dot_general`, as nested
+    cast to each operand's dtype (on XLA:CPU a kernel's gradient computed transposed where that
+    lays out fewer elements, and a batched product's rhs gradient, the attention's dK and dV, over
+    a unit axis too: see `_mixed_dot_bwd`). `dimension_numbers` as for `lax.dot_general`, as nested
     tuples. With float32 operands it is a float32 product whose backward products need no
     transposes after them (JAX's own rule for `lax.dot_general` transposes dV); the attention uses
     it for that."""
