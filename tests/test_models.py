@@ -785,7 +785,7 @@ def test_gelu_is_flax_gelu_with_an_exact_slope():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_position_embedding_sum_and_gradients_are_the_plain_ones(dtype):
+def test_position_embedding_sum_and_gradients_are_the_plain_ones(dtype, monkeypatch):
     kx, kp, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (4, 5, 8), dtype)
     pe = jax.random.normal(kp, (1, 5, 8), jnp.float32)
@@ -803,8 +803,24 @@ def test_position_embedding_sum_and_gradients_are_the_plain_ones(dtype):
     np.testing.assert_allclose(g_pe, plain_g_pe, **tol)
     # What keeps XLA's GPU layout assignment off a batch-minor token stream (see the docstring):
     # the batch sum reads its operand through an optimization barrier. (No GPU compiles here.)
+    # XLA:CPU sums the rows with adds instead of its slow reduction over a leading axis.
     jaxpr = str(jax.make_jaxpr(lambda g: vjp(g)[1])(g))
+    assert "optimization_barrier" in jaxpr and "reduce_sum" not in jaxpr
+    monkeypatch.setattr(models, "on_xla_cpu", lambda: False)
+    _, vjp_elsewhere = jax.vjp(models.add_position_embedding, x, pe)
+    jaxpr = str(jax.make_jaxpr(lambda g: vjp_elsewhere(g)[1])(g))
+    np.testing.assert_allclose(vjp_elsewhere(g)[1], g_pe, rtol=1e-6)
     assert "optimization_barrier" in jaxpr and "reduce_sum" in jaxpr
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 9, 17, 64])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sum_rows_is_the_float32_sum_over_the_leading_axis(n, dtype):
+    rows = jax.random.normal(jax.random.key(n), (n, 300), jnp.float32).astype(dtype)
+    got = models.sum_rows(rows)
+    assert got.dtype == jnp.float32 and got.shape == (300,)
+    exact = np.asarray(rows.astype(jnp.float32), np.float64).sum(0)
+    np.testing.assert_allclose(got, exact, rtol=1e-6, atol=1e-5)
 
 
 def test_gelu_keeps_only_its_input_for_the_backward_pass(monkeypatch):

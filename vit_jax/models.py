@@ -331,8 +331,8 @@ def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
 def add_position_embedding(x: jax.Array, pe: jax.Array) -> jax.Array:
     """`x + pe`: (N, L, D) tokens plus a float32 (1, L, D) position embedding, in `x`'s dtype. The
     same numbers and gradients as the plain sum, except that the gradient of `pe` (the tokens'
-    cotangent summed over the batch) is summed in float32 whatever `x`'s dtype, as one (N, L*D)
-    reduction behind an optimization barrier.
+    cotangent summed over the batch) is summed in float32 whatever `x`'s dtype, over a flat (N, L*D)
+    view behind an optimization barrier: one reduction, on XLA:CPU adds of rows (`sum_rows`).
 
     Through the plain sum, XLA's GPU layout assignment lays that reduction's operand out batch-minor
     (the reduced axis fastest-varying), and the choice spreads along the residual stream: every
@@ -352,8 +352,23 @@ def _add_position_embedding_fwd(x: jax.Array, pe: jax.Array) -> tuple[jax.Array,
 def _add_position_embedding_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     # The barrier keeps this reduction's layout preference from reaching g (see the docstring).
     n = g.shape[0]
-    g_pe = jax.lax.optimization_barrier(g.reshape(n, -1)).sum(axis=0, dtype=jnp.float32)
+    rows = jax.lax.optimization_barrier(g.reshape(n, -1))
+    g_pe = sum_rows(rows) if on_xla_cpu() else rows.sum(axis=0, dtype=jnp.float32)
     return g, g_pe.reshape(1, *g.shape[1:])
+
+
+def sum_rows(rows: jax.Array) -> jax.Array:
+    """(n, F) -> (F,): the sum over the leading axis in float32, as elementwise adds of rows.
+
+    XLA:CPU's reduction over a short leading axis with a long result is slow: (4, 197 * 192)
+    float32 rows take 0.97 ms that way and 0.10 ms as adds; (8, 577 * 768) 16.0 ms and 0.45 ms.
+    Rows are halved pairwise down to 8, whose adds XLA fuses into one pass.
+    """
+    rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))
+    while rows.shape[0] > 8:
+        half = rows.shape[0] // 2
+        rows = jnp.concatenate([rows[:half] + rows[half : 2 * half], rows[2 * half :]])
+    return functools.reduce(jnp.add, list(rows))
 
 
 add_position_embedding.defvjp(_add_position_embedding_fwd, _add_position_embedding_bwd)
