@@ -321,3 +321,93 @@ def test_single_process_needs_no_runtime(monkeypatch):
     assert parallel.initialize() is False
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert parallel.initialize() is False
+
+
+def test_cpu_vendor_and_flags_are_read_from_linux_listing(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(
+        "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
+        "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16\n\n"
+        "processor\t: 1\nvendor_id\t: GenuineIntel\nflags\t\t: fpu\n"
+    )
+    read = parallel.cpu_vendor_and_flags.__wrapped__
+    vendor, flags = read(str(path))
+    assert vendor == "GenuineIntel" and {"avx512f", "amx_bf16"} <= flags and "fpu" in flags
+    assert read(str(tmp_path / "missing")) == ("", frozenset())  # no listing (macOS, Windows)
+
+
+@pytest.mark.parametrize(
+    "dtype, width, vendor, flags, version, xla_flags, devices, expected",
+    [
+        (jnp.float32, 192, "GenuineIntel", {"avx512f"}, (0, 12, 0, 1), "", 1, True),
+        (jnp.float32, 384, "GenuineIntel", {"avx512f"}, (0, 13), "", 1, True),  # ViT-S
+        (jnp.float32, 768, "GenuineIntel", {"avx512f"}, (0, 12, 0, 1), "", 1, False),  # ViT-B
+        (jnp.bfloat16, 192, "GenuineIntel", {"avx512f"}, (0, 12, 0, 1), "", 1, False),
+        (jnp.float32, 192, "AuthenticAMD", {"avx512f"}, (0, 12, 0, 1), "", 1, False),
+        (jnp.float32, 192, "GenuineIntel", {"avx2"}, (0, 12, 0, 1), "", 1, False),
+        (jnp.float32, 192, "GenuineIntel", {"avx512f"}, (0, 10, 2), "", 1, False),
+        (jnp.float32, 192, "GenuineIntel", {"avx512f"}, (), "", 1, False),
+        (jnp.float32, 192, "GenuineIntel", {"avx512f"}, (0, 12), "--xla_cpu_use_onednn=false", 1, False),
+        (jnp.float32, 192, "GenuineIntel", {"avx512f"}, (0, 12), "", 2, False),
+    ],
+)  # fmt: skip
+def test_onednn_products_only_where_they_were_measured_faster(
+    monkeypatch, dtype, width, vendor, flags, version, xla_flags, devices, expected
+):
+    monkeypatch.setattr(parallel, "cpu_vendor_and_flags", lambda: (vendor, frozenset(flags)))
+    monkeypatch.setattr(parallel, "jaxlib_version", lambda: version)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    monkeypatch.setattr(jax, "local_device_count", lambda: devices)
+    options = parallel.cpu_compiler_options(dtype, width)
+    assert options == (parallel.ONEDNN_OPTIONS if expected else None)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert parallel.cpu_compiler_options(dtype, width) is None
+
+
+def test_jaxlib_version_is_read_as_integers():
+    version = parallel.jaxlib_version()
+    assert len(version) >= 3 and version[:3] == tuple(
+        int(p) for p in jax.__version__.split(".")[:3]
+    )
+
+
+# XLA cannot serialise oneDNN fusions into the suite's compilation cache (see cpu_compiler_options).
+@pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
+def test_a_training_step_on_onednn_products_matches_the_default_one(monkeypatch):
+    """The same step compiled with oneDNN's products (as `cpu_compiler_options` asks for on some
+    CPUs, forced here whatever this machine is) runs them, from the jaxlib on which the project asks
+    for them, and updates the parameters as XLA's default program does, to float32 rounding."""
+    import optax
+
+    from vit_jax import models
+
+    model = models.get_model(
+        "ViT-Ti_16", num_classes=5, num_layers=2, hidden_size=64, num_heads=2, mlp_dim=128,
+        dropout_rate=0.0,
+    )  # fmt: skip
+    config = train.default_config()
+    config.batch, config.accum_steps, config.optimizer = 8, 1, "sgd"
+    tx = train.make_optimizer(config)
+    images = jax.random.uniform(jax.random.key(0), (8, 64, 64, 3), minval=-1, maxval=1)
+    batch = {"image": images, "label": jnp.arange(8) % 5}
+    params = model.init(jax.random.key(1), images[:1], train=False)["params"]
+    results, texts = [], []
+    for options in (None, parallel.ONEDNN_OPTIONS):
+        monkeypatch.setattr(parallel, "cpu_compiler_options", lambda *a, options=options: options)
+        step = train.make_train_step(model, tx, config, parallel.data_mesh())
+        state = train.initial_state(jax.tree.map(jnp.copy, params), tx)
+        texts.append(step.lower(state, batch).compile().as_text())
+        norms = []
+        for _ in range(2):
+            state, metrics = step(state, batch)
+            norms.append(float(metrics["grad_norm"]))
+        moved = jax.tree.map(jnp.subtract, state["params"], params)  # what the two updates did
+        results.append((moved, float(metrics["loss"]), norms))
+    assert "__onednn_fusion" not in texts[0]
+    if parallel.jaxlib_version()[:2] >= parallel.ONEDNN_MIN_JAXLIB:  # (jaxlib 0.8.1's has none)
+        assert "__onednn_fusion" in texts[1]
+    (default, loss, norms), (onednn, onednn_loss, onednn_norms) = results
+    assert norms[0] > 0.1 and onednn_norms == pytest.approx(norms, rel=1e-5)
+    assert onednn_loss == pytest.approx(loss, rel=1e-5)
+    difference = optax.tree.norm(jax.tree.map(jnp.subtract, onednn, default))
+    assert difference < 1e-4 * optax.tree.norm(default)

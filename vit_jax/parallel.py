@@ -183,6 +183,88 @@ def inference_block_tokens(train_tokens: int = CPU_BLOCK_TOKENS) -> int:
     return train_tokens
 
 
+# Float32 models up to this width (ViT-S's) multiply through XLA:CPU's oneDNN products on the CPUs
+# and jaxlib versions where that was measured faster; see `cpu_compiler_options`.
+ONEDNN_MAX_WIDTH = 384
+ONEDNN_MIN_JAXLIB = (0, 12)
+ONEDNN_OPTIONS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+@functools.cache
+def cpu_vendor_and_flags(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
+    """The first CPU's `vendor_id` (e.g. 'GenuineIntel') and its feature `flags` as Linux lists them
+    in `path`; ('', frozenset()) where there is no such file (macOS, Windows) or it cannot be read."""
+    vendor, flags = "", frozenset()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
+def jaxlib_version() -> tuple[int, ...]:
+    """jaxlib's release as integers, e.g. (0, 12, 0, 1); () where it cannot be read."""
+    from importlib import metadata
+
+    try:
+        text = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return ()
+    parts = []
+    for part in text.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def cpu_compiler_options(dtype: Any, width: int) -> dict[str, Any] | None:
+    """XLA compiler options (`jax.jit(..., compiler_options=...)`) for the programs of a model
+    `width` (hidden size) wide computing in `dtype`: oneDNN's products (XLA:CPU's oneDNN fusion of
+    each product, `ONEDNN_OPTIONS`) for float32 models up to `ONEDNN_MAX_WIDTH` on one XLA:CPU
+    device of an Intel CPU with AVX-512, from jaxlib `ONEDNN_MIN_JAXLIB` on; None (XLA's default,
+    YNNPACK's products) elsewhere, and wherever `XLA_FLAGS` already says what oneDNN does (it is the
+    user's to choose: `--xla_cpu_use_onednn=false` turns this off).
+
+    YNNPACK runs narrow products well below its square-matrix rate (ViT-Ti/16's (788x192)x(192x192)
+    at half of it on a 2-core Xeon with AMX), oneDNN nearer it. There, on jax 0.12.0.1, alternating
+    runs: ViT-Ti/16 float32 training at batch 32 5-8 % faster, its inference 10-14 %, ViT-S/16
+    training 5-8 % (its inference level); ViT-B/16 slower (inference 1.23x, training 1.10x the time).
+    Not used for:
+    - bfloat16 and other dtypes: XLA's oneDNN fusion converts their products to float32 (ViT-Ti/16
+      bfloat16 training took twice the time);
+    - jaxlib 0.10.2: ViT-Ti/16 float32 training 1595 against about 1400 ms;
+    - several CPU devices in one process: XLA:CPU 0.12's oneDNN fusion then aborted the process in
+      one run in four ("Check failed: available_.size() == num_created_");
+    - other CPUs (AMD's among them): not measured.
+    Its programs do not go into JAX's persistent compilation cache (XLA cannot serialise oneDNN
+    fusions: a warning, then they compile each time).
+    """
+    if jnp.dtype(dtype) != jnp.float32 or width > ONEDNN_MAX_WIDTH:
+        return None
+    if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
+        return None
+    if "onednn" in os.environ.get("XLA_FLAGS", "").lower():
+        return None
+    vendor, flags = cpu_vendor_and_flags()
+    if vendor != "GenuineIntel" or "avx512f" not in flags:
+        return None
+    if jaxlib_version()[:2] < ONEDNN_MIN_JAXLIB:
+        return None
+    return dict(ONEDNN_OPTIONS)
+
+
 def blocks_at_once(blocks: int, at_once: int) -> int:
     """How many of a loop's `blocks` CPU cache blocks run side by side (the `jax.lax.scan` unroll):
     `at_once`, at most `blocks`; 1 when the batch is not cut (GPU/TPU, blocking off)."""
