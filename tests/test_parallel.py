@@ -371,8 +371,6 @@ def test_jaxlib_version_is_read_as_integers():
     )
 
 
-# XLA cannot serialise oneDNN fusions into the suite's compilation cache (see cpu_compiler_options).
-@pytest.mark.filterwarnings("ignore:Error writing persistent compilation cache entry")
 def test_a_training_step_on_onednn_products_matches_the_default_one(monkeypatch):
     """The same step compiled with oneDNN's products (as `cpu_compiler_options` asks for on some
     CPUs, forced here whatever this machine is) runs them, from the jaxlib on which the project asks
