@@ -92,15 +92,13 @@ def matmul_peak_gflops(
     size: int | Sequence[int] | None = None,
     steps: int = 10,
     devices: Sequence[Any] | None = None,
-    compiler_options: dict[str, Any] | None = None,
 ) -> float:
     """Peak GFLOP/s of `devices` (default: all) running a square matmul in `dtype` each, at once: the
     best of the sizes in `size` (default `CPU_PEAK_SIZES` on CPU, else `ACCELERATOR_PEAK_SIZES`).
 
     Each device multiplies its own (n, n) block of random normal numbers (median of `steps`):
     devices that share hardware (fake CPU devices, which share the host's cores) are not counted as
-    if they did not. `compiler_options`: as `jax.jit`'s, e.g. `parallel.cpu_compiler_options`' for
-    the product a model's programs run (oneDNN's on some CPUs).
+    if they did not.
     The product accumulates in float32 as the model's Dense layers do (`models.dot_general`); for
     bfloat16 on XLA:CPU that is also the only form that reaches the bfloat16 (AMX / AVX512-BF16) kernels.
     """
@@ -116,7 +114,7 @@ def matmul_peak_gflops(
     if size is None:
         size = CPU_PEAK_SIZES if devices[0].platform == "cpu" else ACCELERATOR_PEAK_SIZES
     dot = dot_general(dtype)
-    f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))), compiler_options=compiler_options)
+    f = jax.jit(lambda x, y: dot(x, y, (((1,), (0,)), ((), ()))))
 
     # Random operands: constant ones or zeros toggle fewer bits, and a GPU runs them faster (an H200
     # multiplied zeros 13 % faster than random data), which would raise the peak above real work's.
@@ -335,19 +333,9 @@ def run(
         lambda k: model.init(k, images[:1], train=False)["params"], out_shardings=replicated
     )(jax.random.key(1))
     gflops_image = summary.forward_gflops(model, image_size)
-    options = parallel.cpu_compiler_options(model.dtype, model.hidden_size)
-    result["xla_compiler_options"] = options or {}
-
-    def measure_peak() -> float:
-        # With oneDNN's products (`parallel.cpu_compiler_options`) the better of both libraries'.
-        peak = matmul_peak_gflops(jnp.dtype(dtype))
-        if options:
-            peak = max(peak, matmul_peak_gflops(jnp.dtype(dtype), compiler_options=options))
-        return peak
-
     # The peak is measured before and after the model and the higher figure kept: on a shared machine
     # one measurement can land in a slow spell and make the model look faster than the hardware.
-    peak_before = measure_peak()
+    peak_before = matmul_peak_gflops(jnp.dtype(dtype))
 
     if mode == "infer":
         # Inference keeps the weights in the compute dtype, as a deployment would (no per-call casts).
@@ -361,8 +349,7 @@ def run(
         at_once = cpu_blocks_at_once or 1  # as evaluation and predictions
         result["blocks_at_once"] = parallel.blocks_at_once(result["micro_batches"], at_once)
         forward = jax.jit(
-            lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens, at_once),
-            compiler_options=options,
+            lambda p, x: parallel.apply_in_blocks(model, p, x, n_dev, max_tokens, at_once)
         )
         t0 = time.perf_counter()
         lowered = forward.lower(params, images)
@@ -434,7 +421,7 @@ def run(
     result["peak_rss_gib"] = _peak_rss_gib()
     result["attention"] = attention_kernel(lowered, path)
     achieved = flops_factor * gflops_image * batch / median
-    peak = max(peak_before, measure_peak())
+    peak = max(peak_before, matmul_peak_gflops(jnp.dtype(dtype)))
     return {
         **result,
         "compile_s": compile_s,
@@ -577,10 +564,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"matmul peak        {r['peak_matmul_gflops']:.1f} GFLOP/s ({r['dtype']}, same devices)")
     print(f"of peak            {r['percent_of_peak']:.1f} %")
     print(f"attention          {r['attention']} ({ATTENTION_KERNELS[r['attention']]})")
-    if r.get("xla_compiler_options", {}).get("xla_cpu_use_onednn"):
-        print(
-            "products           oneDNN's (XLA:CPU's oneDNN fusion, see parallel.cpu_compiler_options)"
-        )
     _print_memory(r)
     if "profile" in r:
         _print_profile(r["profile"], r["platform"])

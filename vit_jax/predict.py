@@ -169,12 +169,12 @@ def _probabilities_fn(model: Any) -> Any:
     # program (hundreds of MB for ViT-B, and XLA:CPU's constant folding then gave NaN softmaxes).
     from vit_jax import parallel
 
+    @jax.jit
     def probabilities(params, images):
         logits = parallel.apply_in_blocks(model, params, images)  # one device
         return jax.nn.softmax(logits.astype(jnp.float32))
 
-    options = parallel.cpu_compiler_options(model.dtype, model.hidden_size)
-    return jax.jit(probabilities, compiler_options=options)
+    return probabilities
 
 
 def _top(p: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:

@@ -433,15 +433,13 @@ def make_train_step(model, tx, config, mesh, state_sharding: Any = None):
         }
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    options = parallel.cpu_compiler_options(model.dtype, model.hidden_size)
     if state_sharding is None:
-        return jax.jit(step_fn, donate_argnums=(0,), compiler_options=options)
+        return jax.jit(step_fn, donate_argnums=(0,))
     replicated = NamedSharding(mesh, P())
     return jax.jit(
         step_fn,
         donate_argnums=(0,),
         out_shardings=(state_sharding, {"loss": replicated, "grad_norm": replicated}),
-        compiler_options=options,
     )
 
 
@@ -459,9 +457,7 @@ def make_eval_step(model, cpu_block_tokens: int | None = None):
         )
         return jnp.argmax(logits, axis=-1), losses
 
-    return jax.jit(
-        eval_step, compiler_options=parallel.cpu_compiler_options(model.dtype, model.hidden_size)
-    )
+    return jax.jit(eval_step)
 
 
 # ----------------------------------------------------------------------------- evaluation
