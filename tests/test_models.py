@@ -391,6 +391,9 @@ DOT_PRODUCTS = [
     ((((2, 3), (0, 1)), ((), ())), (2, 5, 3, 4), (3, 4, 6)),  # attention "out" DenseGeneral
     ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 5, 4), (2, 3, 6, 4)),  # q k^T
     ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 5, 6), (2, 3, 6, 4)),  # weights v
+    # More tokens than twice the head width: dK and dV computed with their last two axes swapped.
+    ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 11, 4), (2, 3, 11, 4)),  # q k^T
+    ((((3,), (2,)), ((0, 1), (0, 1))), (2, 3, 11, 11), (2, 3, 11, 4)),  # weights v
 ]
 
 
@@ -1043,6 +1046,34 @@ def test_bfloat16_kernel_gradients_lay_out_the_smaller_operand_on_xla_cpu():
     assert _relative_error(ours["embedding"]["kernel"], ref["embedding"]["kernel"]) < 0.05
 
 
+def test_bfloat16_attention_gradients_lay_out_the_smaller_operand_on_xla_cpu():
+    # dK and dV contract both operands' first axes after the batch axis, and XLA:CPU lays out the
+    # one holding the result's first axis: the (L, L) cotangent or weights. With more tokens than
+    # twice the head width, dK^T and dV^T are computed instead (the (head_dim, L) operand laid out)
+    # and transposed after.
+    model = models.get_model(
+        "testing", num_classes=5, num_layers=2, hidden_size=32, num_heads=4, mlp_dim=64,
+        dropout_rate=0.0, dtype=jnp.bfloat16,
+    )  # fmt: skip
+    images, params = _init(model, (8, 64, 64, 3))  # 17 tokens, head width 8, 8 * 4 heads
+    loss = lambda m: lambda p: jnp.sum(m.apply({"params": p}, images, train=True) ** 2)
+    fn = jax.jit(jax.grad(loss(model)))
+    text = fn.lower(params).compile().as_text()
+    dots = collections.Counter(_compiled_dot_operands(text))
+    assert dots[("f32[32,8,17]", "bf16[32,8,17]", "bf16[32,17,17]")] == 2  # the first block's
+    assert not re.search(r"= bf16\[32,17,17\]\S* transpose\(", text)
+    ours = fn(params)
+    f32 = model.clone(dtype=jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        ref = jax.grad(loss(f32))(params)
+    attention = lambda g: g["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]
+    for layer in ("query", "key", "value"):
+        assert (
+            _relative_error(attention(ours)[layer]["kernel"], attention(ref)[layer]["kernel"])
+            < 0.05
+        )
+
+
 @pytest.mark.parametrize("cpu", [True, False])
 def test_bfloat16_backward_product_forms_are_for_xla_cpu(cpu, monkeypatch):
     # The transposed kernel gradient and the unit contracting axis of dK and dV work around
@@ -1058,5 +1089,6 @@ def test_bfloat16_backward_product_forms_are_for_xla_cpu(cpu, monkeypatch):
             barriers += eqn.primitive.name == "optimization_barrier"
             shapes = [v.aval.shape for v in eqn.invars]
             unit_axis += eqn.primitive.name == "dot_general" and shapes[0][0] == 1
-    # On XLA:CPU: the Dense kernel gradient computed transposed, and dK (q k^T) and dV (weights v).
-    assert (barriers, unit_axis) == ((1, 2) if cpu else (0, 0))
+    # On XLA:CPU: the Dense kernel gradient, and dK (q k^T) and dV (weights v) at 11 tokens,
+    # computed transposed; dK and dV over a unit contracting axis.
+    assert (barriers, unit_axis) == ((3, 4) if cpu else (0, 0))

@@ -137,10 +137,25 @@ def _mixed_dot_bwd(dimension_numbers: tuple, residuals: tuple, g: jax.Array):
         # conversions of the (L, L) weights). A product over two contracting axes it rewrites as a
         # plain one, laying its operands out first, and that keeps them bfloat16: the unit axis in
         # front makes two (dV at ViT-Ti/16's shapes, 12 heads·images: 0.83 -> 0.50 ms alone).
+        # That product lays out, transposed, the operand holding the result's first axis after
+        # the batch axes: for dK and dV the (L, L) cotangent or weights. Where the other operand
+        # and the float32 result hold fewer elements (L > 2 * head_dim), the result is computed
+        # with its last two axes swapped and transposed after, as a kernel's gradient above
+        # (ViT-Ti/16 bfloat16 training 3-5 % faster on jaxlib 0.10.2, level on 0.12).
         unit = next(c for c in "zyxwvutsrqponmlkjihgfedcba" if c not in ls + rs + out)
-        d_rhs = jnp.einsum(
-            f"{unit}{out},{unit}{ls}->{rs}", g[None], lhs[None], preferred_element_type=f32
-        )
+        nb = len(batch)
+        swapped = rs[:nb] + rs[nb:][::-1]  # (batch axes first, two more: the attention's)
+        laid_out, other = (g, lhs) if rs[nb] in out else (lhs, g)
+        leading_batch = dimension_numbers[1][1] == tuple(range(nb)) and rhs.ndim == nb + 2
+        if leading_batch and other.size + rhs.size < laid_out.size:
+            d_rhs_t = jnp.einsum(
+                f"{unit}{out},{unit}{ls}->{swapped}", g[None], lhs[None], preferred_element_type=f32
+            )
+            d_rhs = jnp.einsum(f"{swapped}->{rs}", jax.lax.optimization_barrier(d_rhs_t))
+        else:
+            d_rhs = jnp.einsum(
+                f"{unit}{out},{unit}{ls}->{rs}", g[None], lhs[None], preferred_element_type=f32
+            )
     else:
         d_rhs = jnp.einsum(f"{out},{ls}->{rs}", g, lhs, preferred_element_type=f32)
     return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
