@@ -36,8 +36,12 @@ def forward_gflops(
     h, w = image_hw(image_size)
     # Lowered for the CPU whatever the default backend: the backends that PJRT plugins provide (CUDA,
     # TPU) analyse only compiled programs (`Lowered.cost_analysis` returns None there).
+    # jax 0.12.1 deprecates constructing SingleDeviceSharding; jax 0.8 (the oldest allowed) lacks its
+    # replacement.
+    one_device = getattr(jax.sharding, "make_single_device_sharding", None)
+    one_device = one_device or jax.sharding.SingleDeviceSharding
     try:
-        on_cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        on_cpu = one_device(jax.local_devices(backend="cpu")[0])
     except RuntimeError:  # JAX_PLATFORMS names no cpu
         on_cpu = None
 
