@@ -216,6 +216,26 @@ def test_model_modes_run_without_tensorflow():
     assert r["mode"] == "train" and r["img_s"] > 0 and r["gflops_per_image"] > 0
 
 
+def test_a_cpu_program_that_would_not_fit_the_host_is_not_run(monkeypatch, capsys):
+    from vit_jax import commands
+
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 0)
+    monkeypatch.setattr(benchmark, "matmul_peak_gflops", lambda *args, **kwargs: 100.0)
+    timed = []
+    monkeypatch.setattr(benchmark, "_time", lambda *a, **k: timed.append(a) or [1.0])
+    args = ["--model", "testing", "--image_size", "32", "--batch", "4"]
+    for mode, what in (("train", "the step"), ("infer", "the forward pass")):
+        with pytest.raises(SystemExit) as e:
+            benchmark.main([*args, "--mode", mode])
+        assert re.fullmatch(
+            rf"error: out of memory running {what}: XLA's buffers for it need \d+\.\d [KM]iB more, "
+            r"0\.0 KiB of host memory is left; a cpu device has \d+\.\d GiB; try .*",
+            str(e.value),
+        ), e.value
+    assert timed == []  # neither ran
+    capsys.readouterr()
+
+
 def test_kernel_times_add_up_device_kernels_and_cpu_thunks():
     meta = [
         {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},

@@ -269,3 +269,63 @@ def test_device_memory_is_the_allocators_limit_or_the_ram_a_container_allows(tmp
     v2.write_text(f"{3 * 2**30}\n")
     assert commands.device_memory_gib(cpu) == 3.0
     assert commands.device_memory_note(cpu) == "; a cpu device has 3.0 GiB"
+
+
+def test_host_memory_left_is_the_kernels_estimate_or_what_a_container_leaves(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal: 24000000 kB\nMemAvailable: 2000000 kB\nSwapFree: 48576 kB\n")
+    v2 = [tmp_path / f"v2.{n}" for n in ("max", "current", "stat")]
+    v1 = [tmp_path / f"v1.{n}" for n in ("limit", "usage", "stat")]
+    monkeypatch.setattr(commands, "MEMINFO_FILE", str(meminfo))
+    monkeypatch.setattr(
+        commands, "CGROUP_USAGE_FILES", ((*map(str, v2), "file"), (*map(str, v1), "total_cache"))
+    )
+    assert commands.host_memory_left_bytes() == (2000000 + 48576) * 1024  # no cgroup files
+    v1[0].write_text("9223372036854771712\n")  # cgroup v1 without a limit
+    v1[1].write_text(f"{2**30}\n")
+    v1[2].write_text("cache 1\ntotal_cache 1\n")
+    assert commands.host_memory_left_bytes() == (2000000 + 48576) * 1024
+    v1[0].write_text(f"{2**31}\n")  # 2 GiB, 1 GiB used, of which 0.25 GiB reclaimable cache
+    v1[2].write_text(f"cache {2**28}\ntotal_cache {2**28}\n")
+    assert commands.host_memory_left_bytes() == 2**30 + 2**28
+    v2[0].write_text("max\n")  # cgroup v2 without a limit: v1's files are not read
+    assert commands.host_memory_left_bytes() == (2000000 + 48576) * 1024
+    v2[0].write_text(f"{3 * 2**30}\n")
+    v2[1].write_text(f"{3 * 2**30 - 5}\n")
+    v2[2].write_text("anon 7\nfile 5\n")
+    assert commands.host_memory_left_bytes() == 10
+    meminfo.write_text("MemTotal: 24000000 kB\n")  # a kernel without MemAvailable
+    assert commands.host_memory_left_bytes() is None
+
+
+def test_host_memory_shortfall_compares_xlas_new_buffers_with_what_is_left(monkeypatch):
+    class Memory:  # compiled.memory_analysis(): a step whose new state reuses the donated one
+        temp_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 3 * 2**30, 2**30, 2**30
+
+    class Gpu:
+        platform = "gpu"
+
+    cpu = jax.devices("cpu")[0]
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 3 * 2**30)
+    assert commands.host_memory_shortfall(Memory(), cpu) is None  # 3 GiB needed, 3 left
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 2**30)
+    assert commands.host_memory_shortfall(Memory(), cpu) == (
+        "XLA's buffers for it need 3.00 GiB more, 1.00 GiB of host memory is left"
+    )
+    assert commands.host_memory_shortfall(Memory(), Gpu()) is None  # XLA raises there itself
+    assert commands.host_memory_shortfall(None, cpu) is None  # no memory analysis
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: None)  # not Linux
+    assert commands.host_memory_shortfall(Memory(), cpu) is None
+    # The real figures of a compiled program: its new buffers against this machine's memory.
+    f = jax.jit(lambda x: x @ x)
+    memory = f.lower(jax.numpy.ones((64, 64))).compile().memory_analysis()
+    monkeypatch.undo()
+    assert commands.host_memory_shortfall(memory, cpu) is None
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 64 * 64 * 4 - 1)  # < result
+    assert re.fullmatch(
+        r"XLA's buffers for it need \d+\.\d KiB more, 16\.0 KiB of host memory is left",
+        commands.host_memory_shortfall(memory, cpu),
+    )
+    assert [commands.byte_size(n) for n in (0, 3 * 2**10, 2**26, 2**29, 5 * 2**30)] == [
+        "0.0 KiB", "3.0 KiB", "64.0 MiB", "0.50 GiB", "5.00 GiB",
+    ]  # fmt: skip

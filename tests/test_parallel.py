@@ -29,7 +29,9 @@ _WORKER = textwrap.dedent(
     if len(sys.argv) > 3:
         parallel.initialize(sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     import jax, os
-    from vit_jax import train
+    from vit_jax import commands, train
+    if os.environ.get("NO_MEMORY_LEFT_ON") == str(jax.process_index()):
+        commands.host_memory_left_bytes = lambda: 0
     from test_train import tiny_config
     if os.environ.get("FAKE_CIFAR10"):  # TFDS's fetch replaced by the test's archive, and logged
         import tensorflow_datasets as tfds
@@ -92,9 +94,16 @@ def _free_port() -> int:
 
 
 def _multi(
-    workdir, processes: int, devices_each: int, timeout: float = 300, env=None, **overrides
-) -> dict:
-    """Starts `processes` workers on loopback; kills them all if any fails or time runs out."""
+    workdir,
+    processes: int,
+    devices_each: int,
+    timeout: float = 300,
+    env=None,
+    check=True,
+    **overrides,
+) -> dict | list:
+    """Starts `processes` workers on loopback; kills them all if any fails (with `check`) or time
+    runs out. Returns process 0's result, or without `check` each one's (exit status, stderr)."""
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
@@ -118,17 +127,18 @@ def _multi(
     ]
     deadline = time.monotonic() + timeout
     try:
-        outputs = []
+        outputs, ends = [], []
         for p in procs:
             out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            assert p.returncode == 0, err[-3000:]
+            assert p.returncode == 0 or not check, err[-3000:]
             outputs.append(out)
+            ends.append((p.returncode, err))
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    return json.loads(outputs[0].strip().splitlines()[-1])
+    return json.loads(outputs[0].strip().splitlines()[-1]) if check else ends
 
 
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
@@ -148,6 +158,26 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     # Only process 0 wrote, and the checkpoints were written collectively.
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["3", "6"]
     assert (tmp_path / "two" / "model.npz").exists()
+
+
+def test_every_process_stops_when_one_host_lacks_memory_for_the_step(tmp_path):
+    # Process 1's host has no memory left for the CPU step (Linux would end it in the step, and
+    # process 0 would wait for it there): both stop before the first step, each with one error.
+    ends = _multi(tmp_path, 2, 1, env={"NO_MEMORY_LEFT_ON": "1"}, check=False, timeout=240)
+    errors = [err.strip().splitlines()[-1] for _, err in ends]
+    assert [rc for rc, _ in ends] == [1, 1], errors
+    assert errors[0].startswith(
+        "vit_jax.train.TrainingError: out of memory in the training step (process 1's host has too "
+        "little memory left for the step): "
+    ), errors
+    assert errors[1].startswith(
+        "vit_jax.train.TrainingError: out of memory in the training step (XLA's buffers for it "
+        "need "
+    ), errors
+    assert (
+        not os.path.exists(tmp_path / "metrics.jsonl")
+        or not (tmp_path / "metrics.jsonl").read_text()
+    )
 
 
 def test_processes_prepare_a_tfds_dataset_one_after_another(tmp_path):

@@ -1169,6 +1169,31 @@ def test_out_of_memory_in_training_says_what_it_needs_and_what_to_change(tmp_pat
     assert result["step"] == 4 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
 
 
+def test_a_cpu_step_that_would_not_fit_the_host_stops_before_it_runs(tmp_path, monkeypatch):
+    # On CPU XLA takes the step's buffers from the host as it runs, and Linux would end the process
+    # (status 137, no message): the step's memory analysis is checked against what is left first.
+    from vit_jax import commands
+
+    monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 0)
+    config = tiny_config(eval_every=100)
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(config, str(tmp_path))
+    message = str(e.value)
+    figures = r"\d+\.\d+ (GiB|MiB|KiB)"
+    assert re.fullmatch(
+        rf"out of memory in the training step \(XLA's buffers for it need {figures} more, "
+        r"0\.0 KiB of host memory is left\): micro-batches of 8 images per device at 8x8 need "
+        rf"{figures} of state and batch and {figures} of temporaries per device; a cpu device has "
+        rf"{figures}\. To fit, try --cpu_block_tokens 20 \(.*\); a smaller --batch or "
+        r"--image_size\. No checkpoint had been written yet\.",
+        message,
+    ), message
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+    assert rows(tmp_path) == []  # no step ran
+    monkeypatch.undo()
+    assert train.train_and_evaluate(config, str(tmp_path))["step"] == 4
+
+
 def test_out_of_memory_in_an_evaluation_saves_the_step_first(tmp_path, monkeypatch):
     make = train.make_eval_step
     monkeypatch.setattr(

@@ -32,6 +32,7 @@ import numpy as np
 from vit_jax.commands import (
     device_memory_note,
     first_line,
+    host_memory_shortfall,
     huge_pages_setting,
     interruptible,
     nonnegative_int,
@@ -64,18 +65,19 @@ def _peak_rss_gib() -> float:
 
 
 def _out_of_memory(
-    result: dict[str, Any], error: BaseException, what: str, tips: str
+    result: dict[str, Any], error: BaseException | str, what: str, tips: str
 ) -> dict[str, Any]:
-    """`result` with the `error` of a run of `what` that ran out of memory (XLA's reason, the
-    device's memory, `tips`) and the peak host memory; any other error is raised again."""
+    """`result` with the `error` of a run of `what` that ran out of memory (XLA's reason, or the
+    reason it would, `host_memory_shortfall`'s; the device's memory, `tips`) and the peak host
+    memory; any other error is raised again."""
     import jax
 
-    if not out_of_memory(error):
+    if isinstance(error, BaseException) and not out_of_memory(error):
         raise error
+    reason = error if isinstance(error, str) else first_line(error)[:200]
     result["peak_rss_gib"] = _peak_rss_gib()
     result["error"] = (
-        f"out of memory running {what}: {first_line(error)[:200]}"
-        f"{device_memory_note(jax.devices()[0])}; try {tips}"
+        f"out of memory running {what}: {reason}{device_memory_note(jax.devices()[0])}; try {tips}"
     )
     return result
 
@@ -355,11 +357,14 @@ def run(
         lowered = forward.lower(params, images)
         compiled = lowered.compile()
         compile_s = time.perf_counter() - t0
+        on_cpu = result["platform"] == "cpu"
+        tips = "a smaller --batch" + (" or --cpu_block_tokens" if on_cpu else "")
+        short = host_memory_shortfall(compiled.memory_analysis(), jax.devices()[0])
+        if short is not None:  # Linux would end the process in the first call
+            return _out_of_memory(result, short, "the forward pass", tips)
         try:
             times = _time(lambda: compiled(params, images), steps, warmup=0)  # compiled already
         except jax.errors.JaxRuntimeError as e:
-            on_cpu = result["platform"] == "cpu"
-            tips = "a smaller --batch" + (" or --cpu_block_tokens" if on_cpu else "")
             return _out_of_memory(result, e, "the forward pass", tips)
         if profile_dir is not None:
             result["profile"] = profile(lambda: compiled(params, images), profile_dir)
@@ -401,15 +406,18 @@ def run(
             holder["state"], metrics = compiled(holder["state"], batch_arrays)
             return metrics["loss"]
 
+        on_cpu = result["platform"] == "cpu"
+        tips = (
+            "--remat, --shard_params over more devices, --dtype bfloat16"
+            + (", a smaller --cpu_block_tokens" if on_cpu else "")
+            + " or a smaller --batch"
+        )
+        short = host_memory_shortfall(memory, jax.devices()[0])
+        if short is not None:  # Linux would end the process in the first step
+            return _out_of_memory(result, short, "the step", tips)
         try:
             times = _time(one_step, steps)
         except jax.errors.JaxRuntimeError as e:
-            on_cpu = result["platform"] == "cpu"
-            tips = (
-                "--remat, --shard_params over more devices, --dtype bfloat16"
-                + (", a smaller --cpu_block_tokens" if on_cpu else "")
-                + " or a smaller --batch"
-            )
             return _out_of_memory(result, e, "the step", tips)
         if profile_dir is not None:
             result["profile"] = profile(one_step, profile_dir)

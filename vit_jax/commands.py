@@ -286,6 +286,86 @@ def device_memory_gib(device: Any) -> float | None:
     return limit / 2**30
 
 
+def byte_size(n: int) -> str:
+    """`n` bytes for people: '1.25 GiB' from a tenth of a GiB on, '61.2 MiB', '3.0 KiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale / 10:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+# What is left of the host's memory (Linux): the kernel's estimate, then a container's limit less its
+# use, v2's files then v1's, each with the `memory.stat` key of its reclaimable file cache.
+MEMINFO_FILE = "/proc/meminfo"
+CGROUP_USAGE_FILES = (
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_cache",
+    ),
+)
+
+
+def host_memory_left_bytes() -> int | None:
+    """Bytes this process can still take before Linux's OOM killer ends it: MemAvailable plus
+    SwapFree (`/proc/meminfo`), or, in a container with a lower limit, the limit less its use plus
+    its reclaimable file cache. None where `/proc/meminfo` cannot be read (not Linux)."""
+    try:
+        with open(MEMINFO_FILE) as f:
+            info = dict(line.split(":", 1) for line in f if ":" in line)
+        left = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    for limit_path, usage_path, stat_path, cache_key in CGROUP_USAGE_FILES:
+        try:
+            with open(limit_path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        # v2's "max" when there is no limit (v1's huge number then loses the min below)
+        with contextlib.suppress(OSError, ValueError):
+            if limit.isdigit():
+                with open(usage_path) as f:
+                    used = int(f.read().strip())
+                with open(stat_path) as f:
+                    stat = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+                left = min(left, int(limit) - used + int(stat.get(cache_key, 0)))
+        break
+    return left
+
+
+def host_memory_shortfall(memory: Any, device: Any) -> str | None:
+    """Why a compiled XLA:CPU program will not fit the host's memory left, from its
+    `compiled.memory_analysis()` (its temporaries and the outputs that do not reuse donated inputs),
+    e.g. 'XLA's buffers for it need 27.54 GiB more, 19.23 GiB of host memory is left'; None when
+    they fit, on other devices, or when either figure is unknown.
+
+    XLA:CPU takes those buffers from the host as the program runs, and Linux ends a process that
+    touches more memory than there is (the OOM killer: exit status 137, no error to catch); checked
+    before the first run, a command can say what to change instead."""
+    if device.platform != "cpu" or memory is None:
+        return None
+    need = (
+        memory.temp_size_in_bytes
+        + memory.output_size_in_bytes
+        - getattr(memory, "alias_size_in_bytes", 0)
+    )
+    left = host_memory_left_bytes()
+    if left is None or need <= left:
+        return None
+    return (
+        f"XLA's buffers for it need {byte_size(need)} more, {byte_size(max(left, 0))} of host "
+        "memory is left"
+    )
+
+
 def device_memory_note(device: Any) -> str:
     """'; a gpu device has 79.1 GiB' (`device_memory_gib`), or '' when that is unknown."""
     limit = device_memory_gib(device)

@@ -37,10 +37,12 @@ from jax.sharding import PartitionSpec as P
 from vit_jax import checkpoint, input_pipeline, models, parallel
 from vit_jax.commands import (
     atomic_path,
+    byte_size,
     device_memory_gib,
     device_memory_note,
     exit_interrupted,
     first_line,
+    host_memory_shortfall,
     out_of_memory,
     started,
 )
@@ -368,15 +370,9 @@ def memory_figures(memory: Any) -> str:
     """XLA's per-device buffers of a compiled program (`compiled.memory_analysis()`), e.g. '61.2 MiB
     of state and batch and 0.33 GiB of temporaries per device'."""
 
-    def size(n: int) -> str:
-        for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-            if n >= scale / 10:
-                return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
-        return f"{n / 2**10:.1f} KiB"
-
     return (
-        f"{size(memory.argument_size_in_bytes)} of state and batch and "
-        f"{size(memory.temp_size_in_bytes)} of temporaries per device"
+        f"{byte_size(memory.argument_size_in_bytes)} of state and batch and "
+        f"{byte_size(memory.temp_size_in_bytes)} of temporaries per device"
     )
 
 
@@ -909,6 +905,21 @@ def _check_workdir_outside_images(config: ml_collections.ConfigDict, workdir: st
             )
 
 
+def _host_memory_shortfall(memory: Any, device: Any) -> str | None:
+    """`host_memory_shortfall` of the training step on this process's host, or, with several
+    processes on CPU, of another's: every process stops before the first step, not only the one
+    whose host is short (the others would wait for it in the step's collectives)."""
+    short = host_memory_shortfall(memory, device)
+    if jax.process_count() == 1 or device.platform != "cpu":
+        return short
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.int32(short is not None)))
+    if short is None and flags.any():
+        short = f"process {int(np.argmax(flags))}'s host has too little memory left for the step"
+    return short
+
+
 def _prepare_data(config: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
     """`get_info(config, download=True)`. With several processes, process 0 downloads and prepares
     a TFDS dataset first and the others follow: on a shared --tfds_data_dir they find it ready
@@ -1201,6 +1212,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 if step_memory is not None and jax.process_index() == 0:
                     figures = memory_figures(step_memory) + device_memory_note(devices[0])
                     tqdm.tqdm.write(f"XLA's buffers for the training step: {figures}")
+                short = _host_memory_shortfall(step_memory, devices[0])
+                if short is not None:
+                    raise memory_error(RuntimeError(short))
             state, metrics = train_step(state, batch)
             pending.append((step, metrics))
             last_step = step
