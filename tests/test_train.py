@@ -1146,24 +1146,35 @@ class _OutOfMemoryFrom:
         return self.jitted(*args)
 
 
+SIZE = r"\d+\.\d+ (GiB|MiB|KiB)"  # commands.byte_size
+
+
+def _training_error(config, workdir) -> str:
+    """The text of the TrainingError that `train_and_evaluate(config, workdir)` raises."""
+    with pytest.raises(train.TrainingError) as e:
+        train.train_and_evaluate(config, str(workdir))
+    return str(e.value)
+
+
+def _step_memory_error(reason: str, kept: str) -> str:
+    """The pattern of a tiny_config run's out-of-memory error in the training step."""
+    return (
+        rf"out of memory in the training step \({reason}\): micro-batches of 8 images per device "
+        rf"at 8x8 need {SIZE} of state and batch and {SIZE} of temporaries per device; a cpu "
+        rf"device has {SIZE}\. To fit, try --cpu_block_tokens 20 \(blocks of 4 images, not 8\); "
+        rf"--remat \(.*\); a smaller --batch or --image_size\. {kept}"
+    )
+
+
 def test_out_of_memory_in_training_says_what_it_needs_and_what_to_change(tmp_path, monkeypatch):
     make = train.make_train_step
     monkeypatch.setattr(
         train, "make_train_step", lambda *a, **k: _OutOfMemoryFrom(make(*a, **k), first=3)
     )
     config = tiny_config(eval_every=100)
-    with pytest.raises(train.TrainingError) as e:
-        train.train_and_evaluate(config, str(tmp_path))
-    message = str(e.value)
-    figures = r"\d+\.\d+ (GiB|MiB|KiB)"
-    assert re.fullmatch(
-        rf"out of memory in the training step \({re.escape(OOM)}\): micro-batches of 8 images "
-        rf"per device at 8x8 need {figures} of state and batch and {figures} of temporaries per "
-        rf"device; a cpu device has {figures}\. To fit, try --cpu_block_tokens 20 \(blocks of 4 "
-        r"images, not 8\); --remat \(.*\); a smaller --batch or --image_size\. Rerun with the "
-        r"same run directory to resume from step 2\.",
-        message,
-    ), message
+    message = _training_error(config, tmp_path)
+    kept = r"Rerun with the same run directory to resume from step 2\."
+    assert re.fullmatch(_step_memory_error(re.escape(OOM), kept), message), message
     monkeypatch.undo()
     result = train.train_and_evaluate(config, str(tmp_path))  # resumes from step 2
     assert result["step"] == 4 and [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
@@ -1176,18 +1187,10 @@ def test_a_cpu_step_that_would_not_fit_the_host_stops_before_it_runs(tmp_path, m
 
     monkeypatch.setattr(commands, "host_memory_left_bytes", lambda: 0)
     config = tiny_config(eval_every=100)
-    with pytest.raises(train.TrainingError) as e:
-        train.train_and_evaluate(config, str(tmp_path))
-    message = str(e.value)
-    figures = r"\d+\.\d+ (GiB|MiB|KiB)"
-    assert re.fullmatch(
-        rf"out of memory in the training step \(XLA's buffers for it need {figures} more, "
-        r"0\.0 KiB of host memory is left\): micro-batches of 8 images per device at 8x8 need "
-        rf"{figures} of state and batch and {figures} of temporaries per device; a cpu device has "
-        rf"{figures}\. To fit, try --cpu_block_tokens 20 \(.*\); a smaller --batch or "
-        r"--image_size\. No checkpoint had been written yet\.",
-        message,
-    ), message
+    message = _training_error(config, tmp_path)
+    reason = rf"XLA's buffers for it need {SIZE} more, 0\.0 KiB of host memory is left"
+    kept = r"No checkpoint had been written yet\."
+    assert re.fullmatch(_step_memory_error(reason, kept), message), message
     assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
     assert rows(tmp_path) == []  # no step ran
     monkeypatch.undo()
