@@ -120,7 +120,9 @@ def _multi(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=devices_env(devices_each, **(env or {})),
+            # Without the session's compilation cache: with jax 0.12.1 a second multi-process CPU
+            # run of a program that an earlier one cached hangs in its first step (README).
+            env=devices_env(devices_each, JAX_ENABLE_COMPILATION_CACHE="false", **(env or {})),
             cwd=REPO,
         )
         for i in range(processes)
