@@ -258,7 +258,8 @@ def test_device_memory_is_the_allocators_limit_or_the_ram_a_container_allows(tmp
     cpu = jax.devices("cpu")[0]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
-    monkeypatch.setattr(commands, "CGROUP_MEMORY_FILES", (str(v2), str(v1)))
+    others = ("current", "stat", "file")  # (host_memory_left_bytes reads these)
+    monkeypatch.setattr(commands, "CGROUP_MEMORY_FILES", ((str(v2), *others), (str(v1), *others)))
     assert commands.device_memory_gib(cpu) == ram  # no cgroup files
     v1.write_text("9223372036854771712\n")  # cgroup v1 without a limit
     assert commands.device_memory_gib(cpu) == ram
@@ -278,7 +279,7 @@ def test_host_memory_left_is_the_kernels_estimate_or_what_a_container_leaves(tmp
     v1 = [tmp_path / f"v1.{n}" for n in ("limit", "usage", "stat")]
     monkeypatch.setattr(commands, "MEMINFO_FILE", str(meminfo))
     monkeypatch.setattr(
-        commands, "CGROUP_USAGE_FILES", ((*map(str, v2), "file"), (*map(str, v1), "total_cache"))
+        commands, "CGROUP_MEMORY_FILES", ((*map(str, v2), "file"), (*map(str, v1), "total_cache"))
     )
     assert commands.host_memory_left_bytes() == (2000000 + 48576) * 1024  # no cgroup files
     v1[0].write_text("9223372036854771712\n")  # cgroup v1 without a limit

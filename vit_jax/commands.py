@@ -255,11 +255,32 @@ def out_of_memory(error: BaseException) -> bool:
     )
 
 
-# A container's memory limit: cgroup v2's, then v1's ("max", or a huge number, when there is none).
+# A container's memory: cgroup v2's files, then v1's, each as (limit, use, stats, the stats' key of the
+# reclaimable file cache). The limit reads "max" (v2), or a huge number (v1), when there is none.
 CGROUP_MEMORY_FILES = (
-    "/sys/fs/cgroup/memory.max",
-    "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    (
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory.current",
+        "/sys/fs/cgroup/memory.stat",
+        "file",
+    ),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_cache",
+    ),
 )
+
+
+def _cgroup_memory() -> tuple[int | None, tuple[str, str, str, str] | None]:
+    """The memory limit of this process's cgroup (None: "max", no limit) and its files (an entry of
+    `CGROUP_MEMORY_FILES`, the first whose limit file exists; None when neither does)."""
+    for files in CGROUP_MEMORY_FILES:
+        with contextlib.suppress(OSError), open(files[0]) as f:
+            text = f.read().strip()
+            return (int(text) if text.isdigit() else None), files
+    return None, None
 
 
 def device_memory_gib(device: Any) -> float | None:
@@ -277,12 +298,9 @@ def device_memory_gib(device: Any) -> float | None:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
-    for path in CGROUP_MEMORY_FILES:
-        with contextlib.suppress(OSError), open(path) as f:
-            text = f.read().strip()
-            if text.isdigit():
-                limit = min(limit, int(text))
-            break
+    cgroup_limit, _ = _cgroup_memory()
+    if cgroup_limit is not None:
+        limit = min(limit, cgroup_limit)
     return limit / 2**30
 
 
@@ -294,23 +312,7 @@ def byte_size(n: int) -> str:
     return f"{n / 2**10:.1f} KiB"
 
 
-# What is left of the host's memory (Linux): the kernel's estimate, then a container's limit less its
-# use, v2's files then v1's, each with the `memory.stat` key of its reclaimable file cache.
 MEMINFO_FILE = "/proc/meminfo"
-CGROUP_USAGE_FILES = (
-    (
-        "/sys/fs/cgroup/memory.max",
-        "/sys/fs/cgroup/memory.current",
-        "/sys/fs/cgroup/memory.stat",
-        "file",
-    ),
-    (
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
-        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-        "/sys/fs/cgroup/memory/memory.stat",
-        "total_cache",
-    ),
-)
 
 
 def host_memory_left_bytes() -> int | None:
@@ -323,21 +325,16 @@ def host_memory_left_bytes() -> int | None:
         left = (int(info["MemAvailable"].split()[0]) + int(info["SwapFree"].split()[0])) * 1024
     except (OSError, KeyError, ValueError, IndexError):
         return None
-    for limit_path, usage_path, stat_path, cache_key in CGROUP_USAGE_FILES:
-        try:
-            with open(limit_path) as f:
-                limit = f.read().strip()
-        except OSError:
-            continue
-        # v2's "max" when there is no limit (v1's huge number then loses the min below)
-        with contextlib.suppress(OSError, ValueError):
-            if limit.isdigit():
-                with open(usage_path) as f:
-                    used = int(f.read().strip())
-                with open(stat_path) as f:
-                    stat = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
-                left = min(left, int(limit) - used + int(stat.get(cache_key, 0)))
-        break
+    limit, files = _cgroup_memory()
+    if limit is None or files is None:  # no limit (v1's huge number for none loses the min)
+        return left
+    _, usage_path, stat_path, cache_key = files
+    with contextlib.suppress(OSError, ValueError):
+        with open(usage_path) as f:
+            used = int(f.read().strip())
+        with open(stat_path) as f:
+            stat = dict(line.split()[:2] for line in f if len(line.split()) >= 2)
+        left = min(left, limit - used + int(stat.get(cache_key, 0)))
     return left
 
 
@@ -352,11 +349,7 @@ def host_memory_shortfall(memory: Any, device: Any) -> str | None:
     before the first run, a command can say what to change instead."""
     if device.platform != "cpu" or memory is None:
         return None
-    need = (
-        memory.temp_size_in_bytes
-        + memory.output_size_in_bytes
-        - getattr(memory, "alias_size_in_bytes", 0)
-    )
+    need = memory.temp_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
     left = host_memory_left_bytes()
     if left is None or need <= left:
         return None
