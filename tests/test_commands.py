@@ -139,6 +139,28 @@ def test_launched_as_command(monkeypatch, orig_argv, argv0, expected):
 
 
 @pytest.mark.parametrize(
+    "orig_argv, argv0, expected",
+    [
+        (["python", "-m", "vit_jax.train", "--model", "x"], "/x/train.py", "vit_jax.train"),
+        (["python", "-X", "dev", "-u", "-m", "vit_jax", "benchmark"], "/x/m.py", "vit_jax.benchmark"),
+        (["python", "-m", "vit_jax", "vit-predict", "a.png"], "/x/m.py", "vit_jax.predict"),
+        (["python", "-m", "vit_jax"], "/x/__main__.py", None),  # the list of commands
+        (["python", "-m", "vit_jax", "nope"], "/x/__main__.py", None),
+        (["python", "-m", "pytest", "tests"], "/x/pytest/__main__.py", None),
+        (["/venv/bin/python", "/venv/bin/vit-evaluate", "-m", "vit_jax.train"],
+         "/venv/bin/vit-evaluate", "vit_jax.evaluate"),  # a script's own -m
+        (["python", "-c", "...", "--multiprocessing-fork"], "-c", None),
+        (["python", "notebook.py"], "notebook.py", None),
+    ],
+)  # fmt: skip
+def test_command_module(monkeypatch, orig_argv, argv0, expected):
+    # Which command runs decides whether it restarts with huge pages (commands.use_huge_pages).
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert commands.command_module() == expected
+
+
+@pytest.mark.parametrize(
     "environ, thp_mode, libc, expected",
     [
         ({}, "madvise", "glibc 2.36", "glibc.malloc.hugetlb=1"),
@@ -183,6 +205,10 @@ def test_use_huge_pages_restarts_only_a_command_process(monkeypatch):
     # Not where vit_jax is imported by other code (here, pytest), nor once the tunable is set.
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", "pytest"])
     commands.use_huge_pages()
+    # Nor in a command that only runs inference: huge pages would cost it more than they save.
+    for inference in (["-m", "vit_jax.predict", "a.png"], ["-m", "vit_jax", "evaluate"]):
+        monkeypatch.setattr(sys, "orig_argv", [sys.executable, *inference])
+        commands.use_huge_pages()
     # Nor in a multiprocessing child given the command's sys.argv, whose own command line is not it.
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-c", "...", "--multiprocessing-fork"])
     monkeypatch.setattr(sys, "argv", ["/venv/bin/vit-train", "--model", "ViT-B_16"])
@@ -198,7 +224,7 @@ def test_use_huge_pages_restarts_only_a_command_process(monkeypatch):
     assert len(calls) == 2
 
 
-# A command's process as the restart sees it: a script named `vit-summary` that imports vit_jax
+# A command's process as the restart sees it: a script named `vit-train` that imports vit_jax
 # (which restarts it, running the script again), then has glibc's malloc map 64 MiB and touches it,
 # as XLA:CPU does with its temporaries (NumPy would ask for huge pages for its arrays itself).
 _SCRIPT = """
@@ -219,12 +245,12 @@ def test_a_command_process_restarts_with_huge_pages(tmp_path):
     thp, libc = commands._thp_mode(), os.confstr("CS_GNU_LIBC_VERSION")
     if commands.huge_pages_environment(env, thp, libc) is None:
         pytest.skip(f"no restart on this machine: {libc}, transparent huge pages {thp}")
-    script = tmp_path / "vit-summary"
-    script.write_text(_SCRIPT)
+    (tmp_path / "vit-train").write_text(_SCRIPT)
+    (tmp_path / "vit-summary").write_text(_SCRIPT)
 
-    def child(extra):
+    def child(extra, name="vit-train"):
         out = subprocess.run(
-            [sys.executable, str(script)], env={**env, **extra}, capture_output=True,
+            [sys.executable, str(tmp_path / name)], env={**env, **extra}, capture_output=True,
             text=True, check=True, timeout=120,
         ).stdout.split("\n")  # fmt: skip
         return [line.split() for line in out if line]
@@ -238,6 +264,10 @@ def test_a_command_process_restarts_with_huge_pages(tmp_path):
     # The user's own setting is kept: no restart, no huge pages.
     kept = child({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
     assert [r[0] for r in kept] == ["pid", "huge"] and int(kept[1][1]) < 32
+    # A command that does not train runs as it started.
+    summary = child({}, "vit-summary")
+    assert [r[0] for r in summary] == ["pid", "huge"] and summary[0][2] == "None"
+    assert int(summary[1][1]) < 32
 
 
 def test_device_memory_is_the_allocators_limit_or_the_ram_a_container_allows(tmp_path, monkeypatch):
