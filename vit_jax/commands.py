@@ -94,13 +94,20 @@ def _interrupted_while_starting(signum: int, frame: Any) -> None:
     exit_interrupted()
 
 
+def _interpreter_module() -> tuple[str, list[str]] | None:
+    """(module, its arguments) when this interpreter was started with `-m module`, else None (a
+    script, `-c`, stdin; an `-m` among a script's own arguments is the script's)."""
+    argv = list(getattr(sys, "orig_argv", []))[1:]
+    while argv and argv[0].startswith("-") and argv[0] not in ("-m", "-c", "-"):
+        argv = argv[2:] if argv[0] in ("-X", "-W", "--check-hash-based-pycs") else argv[1:]
+    return (argv[1], argv[2:]) if len(argv) >= 2 and argv[0] == "-m" else None
+
+
 def launched_as_command() -> bool:
     """Whether this process is one of the package's commands (`python -m vit_jax...`, `vit-X`)."""
-    argv = getattr(sys, "orig_argv", [])
-    if "-m" in argv[1:-1]:  # (a script's own '-m' argument falls through to the check below)
-        module = argv[argv.index("-m") + 1]
-        if module == "vit_jax" or module.startswith("vit_jax."):
-            return True
+    module = _interpreter_module()
+    if module and (module[0] == "vit_jax" or module[0].startswith("vit_jax.")):
+        return True
     return bool(sys.argv) and os.path.basename(sys.argv[0]) in COMMANDS
 
 
@@ -108,16 +115,13 @@ def command_module() -> str | None:
     """The module of the command this process runs, e.g. "vit_jax.train" for `python -m
     vit_jax.train`, `python -m vit_jax train` or the `vit-train` script; None when it runs none
     (`python -m vit_jax` alone or with an unknown name, any other module, script or `-c`)."""
-    argv = list(getattr(sys, "orig_argv", []))[1:]
-    while argv and argv[0].startswith("-") and argv[0] not in ("-m", "-c", "-"):
-        argv = argv[2:] if argv[0] in ("-X", "-W", "--check-hash-based-pycs") else argv[1:]
-    if len(argv) >= 2 and argv[0] == "-m":  # the interpreter's own -m, not a script's argument
-        module, rest = argv[1], argv[2:]
-        if module != "vit_jax":
-            return module if module.startswith("vit_jax.") else None
-        name = rest[0] if rest else ""
+    module = _interpreter_module()
+    if module and module[0] == "vit_jax":
+        name = module[1][0] if module[1] else ""
         command = COMMANDS.get(name if name.startswith("vit-") else f"vit-{name}")
         return command[0] if command else None
+    if module:
+        return module[0] if module[0].startswith("vit_jax.") else None
     name = os.path.basename(sys.argv[0]) if sys.argv else ""
     return COMMANDS[name][0] if name in COMMANDS else None
 
@@ -197,7 +201,7 @@ def use_huge_pages() -> None:
         return
     # The command must be this process's own command line: a multiprocessing child that was given
     # its parent's sys.argv would start over without the data its parent already sent it.
-    if "-m" not in orig_argv[1:-1] and (not sys.argv or sys.argv[0] not in orig_argv):
+    if _interpreter_module() is None and (not sys.argv or sys.argv[0] not in orig_argv):
         return
     with contextlib.suppress(ValueError, OSError):
         environ = huge_pages_environment(os.environ, _thp_mode(), os.confstr("CS_GNU_LIBC_VERSION"))
