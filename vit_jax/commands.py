@@ -195,9 +195,7 @@ def use_huge_pages() -> None:
     images with ViT-B/16: 42.9-43.9 s against 41.6-41.7 s without).
     """
     orig_argv = getattr(sys, "orig_argv", [])
-    if sys.platform != "linux" or not sys.executable or not launched_as_command():
-        return
-    if command_module() not in HUGE_PAGES_COMMANDS:
+    if sys.platform != "linux" or not sys.executable or command_module() not in HUGE_PAGES_COMMANDS:
         return
     # The command must be this process's own command line: a multiprocessing child that was given
     # its parent's sys.argv would start over without the data its parent already sent it.
